@@ -1,0 +1,7 @@
+"""sd-webui-lora-merger: merge LoRAs exactly and fast, bake them into checkpoints, inspect them.
+
+Library entry points (import what you need, e.g. ``from lib_loramerge.formats.reader import read_lora``):
+``read_lora``, ``save_lora``, ``merge_loras``, ``bake_checkpoint``, ``inspect_lora``.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,134 @@
+"""Open a tensor container (.safetensors, or .pt/.ckpt through the safe unpickler) by key.
+
+Keys, dtypes and shapes come from the header alone, so a file can be classified (LoRA format,
+checkpoint, something else) before any tensor is read; tensors are then read one by one.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import LoraMergeError
+from .safetensors_io import Header, read_header, torch_dtype
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".pt", ".ckpt", ".pth", ".bin")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+class TensorFile:
+    """Read-only access to the tensors of one file, by key, loading each tensor on demand."""
+
+    def __init__(self, path: Path, infos: dict[str, TensorInfo], metadata: dict[str, str],
+                 container: str, header: Header | None = None, tensors: dict[str, torch.Tensor] | None = None,
+                 non_tensors: list[str] | None = None):
+        self.path = path
+        self.infos = infos
+        self.metadata = metadata
+        self.container = container  # "safetensors" or "pickle"
+        self.header = header
+        self.non_tensors = non_tensors or []
+        self._tensors = tensors
+        self._handle = None
+
+    def keys(self) -> list[str]:
+        return list(self.infos)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.infos
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.infos:
+            raise KeyError(key)
+        if self._tensors is not None:
+            return self._tensors[key]
+        if self._handle is None:
+            from safetensors import safe_open
+            try:
+                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+            except Exception as e:  # the library's messages vary by version; ours do not
+                raise LoraMergeError(f"cannot read safetensors data ({_short(e)})", self.path) from e
+        try:
+            return self._handle.get_tensor(key)
+        except Exception as e:
+            raise LoraMergeError(f"cannot read tensor '{key}' ({_short(e)})", self.path) from e
+
+    def close(self) -> None:
+        self._handle = None
+
+    def __enter__(self) -> TensorFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:200]
+
+
+def check_input_path(path: str | os.PathLike) -> Path:
+    """Refuse a missing file, a folder or an empty file, naming it."""
+    p = Path(path)
+    if not p.exists():
+        raise LoraMergeError("no such file", p)
+    if p.is_dir():
+        raise LoraMergeError("is a directory, not a file", p)
+    if p.stat().st_size == 0:
+        raise LoraMergeError("empty file", p)
+    if not os.access(p, os.R_OK):
+        raise LoraMergeError("file is not readable (permissions)", p)
+    return p
+
+
+def open_tensor_file(path: str | os.PathLike) -> TensorFile:
+    """Open ``path`` by its suffix; anything but safetensors or a weights-only pickle is refused."""
+    p = check_input_path(path)
+    suffix = p.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        header = read_header(p)
+        infos = {k: TensorInfo(torch_dtype(e.dtype), e.shape) for k, e in header.entries.items()}
+        return TensorFile(p, infos, header.metadata, "safetensors", header=header)
+    if suffix in PICKLE_SUFFIXES:
+        return _open_pickle(p)
+    raise LoraMergeError(
+        f"unsupported file type '{p.suffix or '(no suffix)'}' (expected .safetensors, or .pt/.ckpt)", p)
+
+
+def _open_pickle(p: Path) -> TensorFile:
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
+            raise LoraMergeError(
+                "refused: this pickle needs arbitrary code to load, which is unsafe "
+                "(only plain tensor files are read; convert it to .safetensors with a tool you trust)", p) from e
+        raise LoraMergeError(f"corrupt or unsupported pickle ({_short(e)})", p) from e
+    except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
+        raise LoraMergeError(f"corrupt or truncated .pt file ({_short(e)})", p) from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # Lightning-style checkpoint wrapper
+    if isinstance(obj, (list, tuple)):
+        if obj and all(isinstance(t, torch.Tensor) for t in obj):
+            raise LoraMergeError(
+                f"unsupported format: a bare pickled list of {len(obj)} tensors (cloneofsimo lora_diffusion "
+                "'.pt'); its tensors have positions, not names, so they cannot be matched to model layers", p)
+        raise LoraMergeError(f"not a LoRA: the pickle holds a {type(obj).__name__}, not named tensors", p)
+    if not isinstance(obj, dict):
+        raise LoraMergeError(f"not a LoRA: the pickle holds a {type(obj).__name__}, not named tensors", p)
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    others = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    infos = {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    return TensorFile(p, infos, {}, "pickle", tensors=tensors, non_tensors=others)

@@ -1,0 +1,99 @@
+"""Inspect a LoRA: format, architecture, modules by kind, ranks, alphas, dtypes, metadata summary."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any
+
+import torch
+
+from .arch import PRETTY
+from .formats.reader import read_lora
+from .model import CONV, LoraModel
+
+SHORT_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+METADATA_SUMMARY_KEYS = (
+    "ss_output_name", "ss_sd_model_name", "ss_base_model_version", "ss_v2", "modelspec.architecture",
+    "modelspec.title", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
+    "ss_training_started_at", "ss_num_train_images", "ss_num_epochs", "ss_resolution", "ss_clip_skip",
+    "sshs_model_hash", "lora_merger_recipe",
+)
+
+
+def short_dtype(dtype: torch.dtype) -> str:
+    return SHORT_DTYPE.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def algorithm_of(model: LoraModel) -> str:
+    mods = model.modules.values()
+    if any(m.mid is not None for m in mods):
+        return "LoCon (Tucker)"
+    if any(m.kind == CONV for m in mods):
+        return "LoCon"
+    return "LoRA"
+
+
+def summarize(model: LoraModel) -> dict[str, Any]:
+    """A JSON-ready description of a LoRA (the ``info`` command's ``--json`` output)."""
+    mods = list(model.modules.values())
+    dtypes = Counter(short_dtype(m.dtype) for m in mods)
+    ranks = Counter(m.rank for m in mods)
+    alphas = Counter("none" if m.alpha is None else m.alpha for m in mods)
+    te = sum(m.is_text_encoder for m in mods)
+    meta = model.metadata
+    return {
+        "file": str(model.path) if model.path else None,
+        "format": model.format,
+        "algorithm": algorithm_of(model),
+        "arch": model.arch,
+        "arch_notes": list(model.arch_notes),
+        "modules": len(mods),
+        "modules_by_kind": dict(Counter(m.kind for m in mods)),
+        "unet_modules": len(mods) - te,
+        "text_encoder_modules": te,
+        "ranks": sorted(ranks),
+        "rank_counts": {str(r): n for r, n in sorted(ranks.items())},
+        "alphas": sorted((a for a in alphas if a != "none"), key=float) + (["none"] if "none" in alphas else []),
+        "dtype": dtypes.most_common(1)[0][0] if len(dtypes) == 1 else "mixed",
+        "dtypes": dict(dtypes),
+        "metadata": {k: meta[k] for k in METADATA_SUMMARY_KEYS if k in meta},
+        "metadata_keys": len(meta),
+        "extras": {k: {"dtype": d, "shape": list(s)} for k, (d, s) in model.extras.items()},
+        "notes": list(model.notes),
+    }
+
+
+def inspect_lora(path: str | os.PathLike) -> dict[str, Any]:
+    """Read ``path`` and describe it (raises LoraMergeError for files that are not supported LoRAs)."""
+    return summarize(read_lora(path))
+
+
+def _fmt_counts(counts: dict[Any, int]) -> str:
+    return ", ".join(f"{k} ×{n}" for k, n in counts.items())
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """Human-readable text for a :func:`summarize` result."""
+    lines = [
+        f"file:        {s['file']}",
+        f"format:      {s['format']} ({s['algorithm']})",
+        f"arch:        {PRETTY.get(s['arch'], s['arch'])}",
+        *[f"             note: {n}" for n in s["arch_notes"]],
+        f"modules:     {s['modules']} ({s['unet_modules']} UNet, {s['text_encoder_modules']} text encoder); "
+        f"{_fmt_counts(s['modules_by_kind'])}",
+        f"ranks:       {_fmt_counts(s['rank_counts'])}",
+        f"alphas:      {', '.join(str(a) for a in s['alphas'])}",
+        f"dtype:       {s['dtype']}" + (f" ({_fmt_counts(s['dtypes'])})" if s["dtype"] == "mixed" else ""),
+    ]
+    if s["metadata"]:
+        lines.append(f"metadata:    {s['metadata_keys']} keys")
+        width = max(len(k) for k in s["metadata"])
+        for k, v in s["metadata"].items():
+            v = " ".join(str(v).split())
+            lines.append(f"  {k:<{width}}  {v[:160] + '…' if len(v) > 160 else v}")
+    else:
+        lines.append("metadata:    none")
+    lines += [f"note:        {n}" for n in s["notes"]]
+    return "\n".join(lines)
