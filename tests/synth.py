@@ -8,29 +8,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lib_loramerge import sdlayouts
 from lib_loramerge.model import LoraModule
+from lib_loramerge.synthetic import random_modules
 
-
-def make_modules(arch: str, *, scope: str = sdlayouts.SCOPE_LOCON, rank: int = 2, alpha: float | None = 1.0,
-                 seed: int = 0, text_encoder: bool = True, diffusers_names: bool | None = None,
-                 only: str | None = None, conv_rank: int | None = None) -> list[LoraModule]:
-    """One module per targeted layer; ``only`` keeps names matching that regex."""
-    gen = torch.Generator().manual_seed(seed)
-    modules = []
-    for name, shape in sdlayouts.lora_modules(arch, scope, text_encoder, diffusers_names).items():
-        if only and not re.search(only, name):
-            continue
-        out, inp, *kernel = shape
-        r = conv_rank if conv_rank and kernel and kernel != [1, 1] else rank
-        if kernel:
-            up = torch.randn(out, r, 1, 1, generator=gen)
-            down = torch.randn(r, inp, *kernel, generator=gen)
-        else:
-            up = torch.randn(out, r, generator=gen)
-            down = torch.randn(r, inp, generator=gen)
-        modules.append(LoraModule(name, up * 0.1, down * 0.1, alpha))
-    return modules
+make_modules = random_modules
 
 
 def kohya_state_dict(modules: list[LoraModule], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

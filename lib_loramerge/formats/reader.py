@@ -20,16 +20,20 @@ from .unsupported import not_a_lora_reason, unsupported_format_reason
 ADAPTERS: tuple[FormatAdapter, ...] = (KohyaAdapter(), DiffusersAdapter())
 
 
-def read_lora(path: str | os.PathLike) -> LoraModel:
-    """Read a LoRA file (kohya, PEFT or diffusers keys) or raise a one-line LoraMergeError."""
+def read_lora(path: str | os.PathLike, *, lazy: bool = False) -> LoraModel:
+    """Read a LoRA file (kohya, PEFT or diffusers keys) or raise a one-line LoraMergeError.
+
+    ``lazy``: read names, shapes and alphas now and each module's factors only when it is used
+    (then checked for NaN/Inf), so merging large files needs about one module's memory per input.
+    """
     with open_tensor_file(path) as tf:
         try:
-            return _read(tf)
+            return _read(tf, lazy and tf.container == "safetensors")
         except LoraMergeError as e:
             raise e.with_path(tf.path) from None
 
 
-def _read(tf: TensorFile) -> LoraModel:
+def _read(tf: TensorFile, lazy: bool) -> LoraModel:
     keys = tf.keys()
     reason = unsupported_format_reason(keys)
     if reason:
@@ -52,9 +56,13 @@ def _read(tf: TensorFile) -> LoraModel:
             if needed not in parts:
                 have = ", ".join(sorted(parts))
                 raise LoraMergeError(f"has {have} but no {needed} factor", tf.path, name)
-        module = LoraModule(name=name, up=tf.get(parts[UP]), down=tf.get(parts[DOWN]),
+        def tensor(key: str) -> torch.Tensor:
+            return _meta(tf, key) if lazy else tf.get(key)
+
+        module = LoraModule(name=name, up=tensor(parts[UP]), down=tensor(parts[DOWN]),
                             alpha=_alpha(tf, parts.get(ALPHA), name),
-                            mid=tf.get(parts[MID]) if MID in parts else None)
+                            mid=tensor(parts[MID]) if MID in parts else None,
+                            loader=_loader(tf, parts) if lazy else None, source=tf.path)
         validate_module(module, tf.path)
         modules[name] = module
     if alpha_only:
@@ -77,6 +85,17 @@ def _read(tf: TensorFile) -> LoraModel:
     if tf.non_tensors:
         notes.append(f"{len(tf.non_tensors)} non-tensor entries ignored: {', '.join(tf.non_tensors[:4])}")
     return model
+
+
+def _meta(tf: TensorFile, key: str) -> torch.Tensor:
+    info = tf.infos[key]
+    return torch.empty(info.shape, dtype=info.dtype, device="meta")
+
+
+def _loader(tf: TensorFile, parts: dict[str, str]):
+    def load() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return tf.get(parts[UP]), tf.get(parts[DOWN]), tf.get(parts[MID]) if MID in parts else None
+    return load
 
 
 def _adapter_of(m: KeyMatch) -> str | None:

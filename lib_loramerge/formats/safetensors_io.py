@@ -204,44 +204,68 @@ def iter_data(specs: list[TensorSpec]) -> Iterator[tuple[TensorSpec, memoryview]
         yield s, tensor_bytes(s.materialize())
 
 
-def sshs_hashes(specs: list[TensorSpec], metadata: Mapping[str, str]) -> tuple[str, str]:
-    """kohya's ``sshs_model_hash`` and ``sshs_legacy_hash`` for these tensors, as they will be written.
+MODEL_HASH_KEY, LEGACY_HASH_KEY = "sshs_model_hash", "sshs_legacy_hash"
+
+
+class _HashTap:
+    """kohya's ``sshs_model_hash`` and ``sshs_legacy_hash``, fed the data section as it is written.
 
     model hash: sha256 of the data section (what A1111 and Civitai compute from the file).
     legacy hash: first 8 hex digits of sha256 over the 64 KiB at offset 1 MiB of the file that
     safetensors would write with only the ``ss_*`` metadata (kohya's definition).
     """
+
+    LO, HI = 0x100000, 0x110000
+
+    def __init__(self, specs: list[TensorSpec], metadata: Mapping[str, str]):
+        ss_meta = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+        head = header_bytes(specs, ss_meta)
+        self.model = hashlib.sha256()
+        self.legacy = bytearray(head[self.LO:self.HI])
+        self.pos = len(head)
+
+    def feed(self, data: memoryview) -> None:
+        self.model.update(data)
+        end = self.pos + len(data)
+        if end > self.LO and self.pos < self.HI:
+            self.legacy += data[max(self.LO - self.pos, 0):min(self.HI - self.pos, len(data))]
+        self.pos = end
+
+    def digests(self) -> dict[str, str]:
+        return {MODEL_HASH_KEY: self.model.hexdigest(),
+                LEGACY_HASH_KEY: hashlib.sha256(bytes(self.legacy)).hexdigest()[:8]}
+
+
+def sshs_hashes(specs: Iterable[TensorSpec], metadata: Mapping[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) of ``specs`` as they would be written (see :class:`_HashTap`)."""
     specs = ordered(specs)
-    ss_meta = {k: v for k, v in metadata.items() if k.startswith("ss_")}
-    head = header_bytes(specs, ss_meta)
-    model = hashlib.sha256()
-    legacy = bytearray()
-    lo, hi = 0x100000, 0x110000
-    if len(head) > lo:
-        legacy += head[lo:hi]
-    pos = len(head)
+    tap = _HashTap(specs, metadata)
     for _, data in iter_data(specs):
-        model.update(data)
-        end = pos + len(data)
-        if end > lo and pos < hi and len(legacy) < hi - lo:
-            legacy += data[max(lo - pos, 0):min(hi - pos, len(data))]
-        pos = end
-    return model.hexdigest(), hashlib.sha256(bytes(legacy)).hexdigest()[:8]
+        tap.feed(data)
+    d = tap.digests()
+    return d[MODEL_HASH_KEY], d[LEGACY_HASH_KEY]
 
 
 def write_safetensors(path: str | os.PathLike, specs: Iterable[TensorSpec],
                       metadata: Mapping[str, str] | None = None, *, overwrite: bool = False,
-                      progress: Callable[[int, int], None] | None = None) -> Path:
+                      sshs: bool = False, progress: Callable[[int, int], None] | None = None) -> dict[str, str]:
     """Write a safetensors file atomically: a temp file in the target folder, fsync, rename.
 
-    Tensors are produced, cast and written one at a time. An existing file is replaced only
-    with ``overwrite``; on any failure the temp file is removed and nothing is left behind.
-    ``progress(done_bytes, total_bytes)`` is called after each tensor.
+    Tensors are produced, cast and written one at a time. With ``sshs`` the kohya hashes are
+    computed over the bytes as they go out and put in the header, which is written last (it has
+    a fixed length). An existing file is replaced only with ``overwrite``; on any failure the
+    temp file is removed and nothing is left behind. ``progress(done_bytes, total_bytes)`` is
+    called after each tensor. Returns the metadata written.
     """
     path = Path(path)
     check_writable_target(path, overwrite)
     specs = ordered(specs)
-    head = header_bytes(specs, metadata)
+    meta = dict(metadata or {})
+    tap = None
+    if sshs:
+        meta[MODEL_HASH_KEY], meta[LEGACY_HASH_KEY] = "0" * 64, "0" * 8  # placeholders of the final length
+        tap = _HashTap(specs, meta)
+    head = header_bytes(specs, meta)
     total = sum(s.nbytes for s in specs)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
@@ -251,11 +275,19 @@ def write_safetensors(path: str | os.PathLike, specs: Iterable[TensorSpec],
             done = 0
             for spec, data in iter_data(specs):
                 if len(data) != spec.nbytes:
-                    raise LoraMergeError(f"internal: tensor {spec.name} produced {len(data)} bytes, expected {spec.nbytes}")
+                    raise LoraMergeError(f"internal: {spec.name} gave {len(data)} bytes, expected {spec.nbytes}")
                 f.write(data)
+                if tap:
+                    tap.feed(data)
                 done += len(data)
                 if progress:
                     progress(done, total)
+            if tap:
+                meta.update(tap.digests())
+                final = header_bytes(specs, meta)
+                assert len(final) == len(head)
+                f.seek(0)
+                f.write(final)
             f.flush()
             os.fsync(f.fileno())
         publish(tmp, path, overwrite)
@@ -263,7 +295,7 @@ def write_safetensors(path: str | os.PathLike, specs: Iterable[TensorSpec],
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    return path
+    return meta
 
 
 def check_writable_target(path: Path, overwrite: bool) -> None:
@@ -305,3 +337,14 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def file_data_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a safetensors file's data section: A1111's LoRA hash (and Civitai's AutoV2)."""
+    header = read_header(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(header.data_start)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

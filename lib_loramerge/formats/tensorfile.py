@@ -40,7 +40,6 @@ class TensorFile:
         self.header = header
         self.non_tensors = non_tensors or []
         self._tensors = tensors
-        self._handle = None
 
     def keys(self) -> list[str]:
         return list(self.infos)
@@ -49,23 +48,31 @@ class TensorFile:
         return key in self.infos
 
     def get(self, key: str) -> torch.Tensor:
+        """Read one tensor into its own memory (no mmap: memory is released as soon as it is dropped)."""
         if key not in self.infos:
             raise KeyError(key)
         if self._tensors is not None:
             return self._tensors[key]
-        if self._handle is None:
-            from safetensors import safe_open
-            try:
-                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-            except Exception as e:  # the library's messages vary by version; ours do not
-                raise LoraMergeError(f"cannot read safetensors data ({_short(e)})", self.path) from e
+        assert self.header is not None
+        entry = self.header.entries[key]
+        info = self.infos[key]
         try:
-            return self._handle.get_tensor(key)
-        except Exception as e:
+            stat = self.path.stat()
+            if stat.st_size != self.header.file_size:
+                raise LoraMergeError("the file changed on disk while it was being read", self.path)
+            buf = bytearray(entry.end - entry.begin)
+            with open(self.path, "rb") as f:
+                f.seek(self.header.data_start + entry.begin)
+                if f.readinto(buf) != len(buf):
+                    raise LoraMergeError(f"truncated file: tensor '{key}' is incomplete", self.path)
+        except OSError as e:
             raise LoraMergeError(f"cannot read tensor '{key}' ({_short(e)})", self.path) from e
+        if not buf:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
     def close(self) -> None:
-        self._handle = None
+        """Nothing stays open between reads; kept for the context-manager protocol."""
 
     def __enter__(self) -> TensorFile:
         return self

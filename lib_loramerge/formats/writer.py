@@ -11,7 +11,7 @@ import torch
 
 from ..errors import LoraMergeError
 from ..model import LoraModule
-from .safetensors_io import TensorSpec, check_writable_target, sshs_hashes, write_safetensors
+from .safetensors_io import TensorSpec, check_writable_target, write_safetensors
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
@@ -89,6 +89,5 @@ def save_lora(modules: Iterable[LoraModule], path: str | os.PathLike, *, dtype: 
     meta = lora_metadata(modules, arch, path.stem)
     meta.update(metadata or {})
     specs = lora_tensor_specs(modules, dtype)
-    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = sshs_hashes(specs, meta)
-    write_safetensors(path, specs, meta, overwrite=overwrite)
-    return SavedLora(path=path, metadata=meta, tensors=len(specs))
+    written = write_safetensors(path, specs, meta, overwrite=overwrite, sshs=True)
+    return SavedLora(path=path, metadata=written, tensors=len(specs))

@@ -1,0 +1,117 @@
+"""Exact low-rank algebra on factor pairs: never the dense out × in matrix.
+
+A sum of LoRA updates ΔW = Σᵢ Uᵢ Dᵢ is one product U·D of the stacked factors
+U = [U₁ … Uₙ] (out × R) and D = [D₁; …; Dₙ] (R × K). Writing U = Qᵤ Tᵤ and Dᵀ = Q_d T_d with
+orthonormal Qᵤ, Q_d and small R × R factors T, ΔW = Qᵤ (Tᵤ T_dᵀ) Q_dᵀ: the SVD of the small core
+C = Tᵤ T_dᵀ gives the SVD of ΔW exactly, ΔW = (Qᵤ P) Σ (Q_d W)ᵀ, and truncating it is the
+Eckart–Young optimum. Cost O((out + K)·R²) instead of O(out·K·min(out, K)).
+
+The T factors come from the Gram matrices UᵀU and DDᵀ, formed in float64 (so small singular
+directions keep their accuracy): their Cholesky factors when the columns are independent, else
+their eigendecompositions (Tᵤ = Λ^½ Vᵀ, Qᵤ = U V Λ^-½), which drop exactly dependent
+directions (a LoRA merged with itself, or minus itself). This is cheaper than Householder QR
+and parallelises well across modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# eigenvalues of a Gram matrix below this fraction of the largest are dependent directions:
+# singular values under ~3e-7 of the largest, below the fp32 rounding of the factors themselves
+_GRAM_RTOL = 1e-13
+
+
+@dataclass
+class FactorSVD:
+    """ΔW ≈ left · diag(values) · right for the leading ``len(values)`` singular triplets."""
+
+    left: torch.Tensor  # out × k, orthonormal columns
+    values: torch.Tensor  # all singular values of ΔW (descending), float64
+    right: torch.Tensor  # k × K, orthonormal rows
+
+    @property
+    def energy(self) -> float:
+        """‖ΔW‖_F² (the sum of squared singular values)."""
+        return float((self.values**2).sum())
+
+
+def _gram(a: torch.Tensor) -> torch.Tensor:
+    a = a.double()
+    return a.T @ a
+
+
+def _eigen_basis(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V, σ) with gram = V diag(σ²) Vᵀ over the independent directions only."""
+    lam, vec = torch.linalg.eigh(gram)
+    keep = lam > lam[-1] * _GRAM_RTOL  # a zero matrix keeps nothing
+    return vec[:, keep], lam[keep].sqrt()
+
+
+def _cholesky(gram: torch.Tensor) -> torch.Tensor | None:
+    """L with gram = L Lᵀ, or None when the columns are (nearly) dependent: then use the eigen route."""
+    low, info = torch.linalg.cholesky_ex(gram)
+    if int(info) != 0:
+        return None
+    diag = low.diagonal()
+    return low if float(diag.min()) > float(diag.max()) * 1e-6 else None
+
+
+def factor_svd(up: torch.Tensor, down: torch.Tensor, k: int | None = None) -> FactorSVD:
+    """The SVD of ``up @ down`` (out × R times R × K) from the factors alone; vectors for the top ``k``.
+
+    Fast route: Cholesky of both Grams (up = Qᵤ Lᵤᵀ), SVD of Lᵤᵀ L_d. When either stack has
+    (nearly) dependent columns, the eigen route drops those directions instead.
+    """
+    gu, gd = _gram(up), _gram(down.T)
+    lu, ld = _cholesky(gu), _cholesky(gd)
+    if lu is not None and ld is not None:
+        p, s, wh = torch.linalg.svd(lu.T @ ld, full_matrices=False)
+        k = s.numel() if k is None else min(k, s.numel())
+        to_left = torch.linalg.solve_triangular(lu.T, p[:, :k], upper=True)  # left = up Lᵤ⁻ᵀ P
+        to_right = torch.linalg.solve_triangular(ld.T, wh[:k].T, upper=True)  # right = (L_d⁻ᵀ W)ᵀ down
+    else:
+        vu, su = _eigen_basis(gu)  # up = Qᵤ (su vuᵀ)
+        vd, sd = _eigen_basis(gd)  # downᵀ = Q_d (sd vdᵀ)
+        if su.numel() == 0 or sd.numel() == 0:  # a zero factor: ΔW = 0
+            empty = torch.zeros(0, dtype=torch.float64)
+            return FactorSVD(up.new_zeros(up.shape[0], 0), empty, down.new_zeros(0, down.shape[1]))
+        p, s, wh = torch.linalg.svd((su[:, None] * vu.T) @ (vd * sd), full_matrices=False)
+        k = s.numel() if k is None else min(k, s.numel())
+        to_left = (vu / su) @ p[:, :k]
+        to_right = (vd / sd) @ wh[:k].T
+    return FactorSVD(left=up @ to_left.to(up.dtype), values=s, right=to_right.T.to(down.dtype) @ down)
+
+
+def rank_for_threshold(values: torch.Tensor, threshold: float) -> int:
+    """The smallest k whose leading singular values keep at least ``threshold`` of ‖ΔW‖_F²."""
+    energy = values.double() ** 2
+    total = float(energy.sum())
+    if total == 0.0:
+        return 0
+    cumulative = torch.cumsum(energy, 0) / total
+    # singular values come from fp32 factors: energies are good to ~1e-6, so a fraction that
+    # reaches the threshold to within that counts as reaching it (and 1.0 keeps every value)
+    k = int(torch.searchsorted(cumulative, torch.tensor(threshold - 1e-6, dtype=torch.float64))) + 1
+    return min(k, int((values > 0).sum()))
+
+
+def split_factors(svd: FactorSVD, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-k factors with √σ on each side, so neither factor's range outgrows the other (fp16-safe)."""
+    root = svd.values[:k].sqrt().to(svd.left.dtype)
+    return svd.left[:, :k] * root, root[:, None] * svd.right[:k]
+
+
+def clamp_factors(up: torch.Tensor, down: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip both factors to the ``quantile`` of their absolute entries (kohya-style outlier clamp).
+
+    Uses |x| rather than kohya's signed values, so the result does not depend on the arbitrary
+    signs an SVD routine picks, and kthvalue rather than torch.quantile (which refuses more than
+    2^24 elements).
+    """
+    flat = torch.cat([up.reshape(-1), down.reshape(-1)]).abs()
+    index = max(1, min(flat.numel(), int(round(quantile * flat.numel()))))
+    h = float(flat.kthvalue(index).values)
+    return up.clamp(-h, h), down.clamp(-h, h)

@@ -1,0 +1,310 @@
+"""Merge N LoRAs into one: concat (exact), svd (optimal rank-k), add (the seed's factor sum).
+
+For every module m the target is ΔW_m = Σᵢ cᵢ · (αᵢ / rᵢ) · Uᵢ Dᵢ, where cᵢ is LoRA i's UNet
+strength (text-encoder strength for ``lora_te*`` modules) times its block-weight ratio for m —
+exactly what stacking ``<lora:name:te:unet>`` tags does in A1111.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import LoraMergeError
+from ..model import LoraModel, LoraModule, is_text_encoder
+from .lowrank import clamp_factors, factor_svd, rank_for_threshold, split_factors
+
+MODES = ("add", "concat", "svd")
+# singular values below this fraction of the largest (times the stacked rank) are rounding noise
+_NOISE = 1.2e-7
+
+
+@dataclass
+class MergeInput:
+    """One LoRA with its strengths: ``te`` defaults to ``unet``; ``block_ratio(module)`` to 1."""
+
+    lora: LoraModel
+    unet: float = 1.0
+    te: float | None = None
+    block_ratio: Callable[[str], float] | None = None
+    recipe: dict = field(default_factory=dict)  # extra facts for the output's recipe (e.g. block weights)
+
+    @property
+    def te_strength(self) -> float:
+        return self.unet if self.te is None else self.te
+
+    def strength(self, module: str) -> float:
+        base = self.te_strength if is_text_encoder(module) else self.unet
+        return base * (self.block_ratio(module) if self.block_ratio else 1.0)
+
+
+@dataclass
+class MergeOptions:
+    mode: str = "svd"
+    rank: int | None = None  # svd: cap on the output rank (default: the largest input rank)
+    threshold: float | None = None  # svd: keep this fraction of ‖ΔW‖_F² per module (rank capped by ``rank``)
+    clamp: float | None = None  # svd: clip factors to this quantile of |entries| (off by default)
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float16  # output factor dtype
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise LoraMergeError(f"unknown mode '{self.mode}' (choose {', '.join(MODES)})")
+        if self.rank is not None and self.rank < 1:
+            raise LoraMergeError(f"rank must be at least 1, got {self.rank}")
+        if self.threshold is not None and not 0 < self.threshold <= 1:
+            raise LoraMergeError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.clamp is not None and not 0 < self.clamp < 1:
+            raise LoraMergeError(f"clamp quantile must be in (0, 1), got {self.clamp}")
+        if self.mode != "svd" and (self.threshold is not None or self.clamp is not None):
+            raise LoraMergeError(f"--threshold and --clamp apply to svd mode only, not {self.mode}")
+        check_device(self.device)
+
+
+def check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LoraMergeError(f"unknown device '{device}' (use cpu or cuda)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LoraMergeError(f"device '{device}' requested but CUDA is not available here (use --device cpu)")
+    return dev
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class MergeReport:
+    mode: str
+    inputs: list[str]
+    modules_out: int = 0
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    ranks_by_kind: dict[str, dict[int, int]] = field(default_factory=dict)
+    energy: dict[str, float] = field(default_factory=dict)  # svd: retained fraction of ‖ΔW‖_F² per module
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def energy_summary(self, worst: int = 5) -> dict | None:
+        if not self.energy:
+            return None
+        values = sorted(self.energy.items(), key=lambda kv: kv[1])
+        return {"min": values[0][1], "mean": sum(v for _, v in values) / len(values),
+                "worst": [{"module": n, "energy": e} for n, e in values[:worst]]}
+
+    def as_dict(self) -> dict:
+        return {"mode": self.mode, "inputs": self.inputs, "modules_out": self.modules_out,
+                "dropped": [{"module": n, "why": w} for n, w in self.dropped],
+                "ranks_by_kind": {k: {str(r): n for r, n in sorted(v.items())} for k, v in self.ranks_by_kind.items()},
+                "energy": self.energy_summary(), "notes": self.notes, "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class MergeResult:
+    modules: list[LoraModule]
+    arch: str
+    report: MergeReport
+
+
+@dataclass
+class _Outcome:
+    module: LoraModule | None
+    dropped: str = ""  # why there is no module
+    energy: float | None = None  # svd: retained fraction of ‖ΔW‖_F²
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Part:
+    """One input's contribution to one module: ΔW part = scale · up @ down (factors in fp32)."""
+
+    source: str
+    module: LoraModule
+    strength: float  # strength × block ratio
+
+    @property
+    def scale(self) -> float:
+        return self.strength * self.module.scale
+
+
+def common_arch(inputs: Sequence[MergeInput]) -> str:
+    """The architecture all inputs share; different SD versions are refused before any work."""
+    known = {i.lora.arch for i in inputs} - {"unknown"}
+    if len(known) > 1:
+        listing = ", ".join(f"{i.lora.name} is {i.lora.arch}" for i in inputs)
+        raise LoraMergeError(f"cannot merge LoRAs for different models ({listing})")
+    return known.pop() if known else "unknown"
+
+
+def merge_loras(inputs: Sequence[MergeInput], options: MergeOptions,
+                progress: Callable[[int, int, str], None] | None = None) -> MergeResult:
+    """Merge ``inputs`` module by module; the output factors are CPU tensors in ``options.dtype``."""
+    started = time.perf_counter()
+    if not inputs:
+        raise LoraMergeError("nothing to merge: no input LoRAs")
+    options.validate()
+    arch = common_arch(inputs)
+    report = MergeReport(mode=options.mode, inputs=[i.lora.name for i in inputs])
+    unknown = [i.lora.name for i in inputs if i.lora.arch == "unknown"]
+    if unknown:
+        report.notes.append(f"architecture unknown for {', '.join(unknown)}; merged by module name only")
+    rank_cap = options.rank
+    if options.mode == "svd" and rank_cap is None and options.threshold is None:
+        rank_cap = max(m.rank for i in inputs for m in i.lora.modules.values())
+        report.notes.append(f"rank not given: using the largest input rank, {rank_cap}")
+    names: dict[str, None] = {}
+    for inp in inputs:
+        names.update(dict.fromkeys(inp.lora.modules))
+    device = check_device(options.device)
+
+    def work(name: str) -> _Outcome:
+        parts = [_Part(inp.lora.name, inp.lora.modules[name], inp.strength(name))
+                 for inp in inputs if name in inp.lora.modules]
+        return _merge_module(name, parts, options, rank_cap, device)
+
+    out: list[LoraModule] = []
+    total = len(names)
+    for done, (name, outcome) in enumerate(zip(names, parallel_map(work, names, device), strict=True), 1):
+        report.notes += outcome.notes
+        if outcome.module is None:
+            report.dropped.append((name, outcome.dropped))
+        else:
+            out.append(outcome.module)
+            by_kind = report.ranks_by_kind.setdefault(outcome.module.kind, {})
+            by_kind[outcome.module.rank] = by_kind.get(outcome.module.rank, 0) + 1
+            if outcome.energy is not None:
+                report.energy[name] = outcome.energy
+        if progress:
+            progress(done, total, name)
+    report.modules_out = len(out)
+    report.seconds = time.perf_counter() - started
+    return MergeResult(modules=out, arch=arch, report=report)
+
+
+def parallel_map(fn: Callable[[str], _Outcome], items: Iterable[str], device: torch.device) -> Iterator[_Outcome]:
+    """``map(fn, items)`` in order, on all CPU cores: one module per core, one thread per module.
+
+    Small per-module linear algebra scales far better across modules than inside one op, so the
+    intra-op thread count is set to 1 for the duration (and restored). On CUDA: sequential.
+    """
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="lora-merge") as pool:
+            try:
+                yield from pool.map(fn, items)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        torch.set_num_threads(workers)
+
+
+def _flat_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Linear (out, in) and 1×1 conv (out, in, 1, 1) are the same layer update."""
+    return shape[:2] if shape[2:] == (1, 1) else shape
+
+
+def _check_shapes(name: str, parts: list[_Part]) -> list[str]:
+    first = parts[0]
+    for p in parts[1:]:
+        if _flat_shape(p.module.weight_shape) != _flat_shape(first.module.weight_shape):
+            raise LoraMergeError(f"shape {list(first.module.weight_shape)} in {first.source} but "
+                                 f"{list(p.module.weight_shape)} in {p.source}: not the same layer", module=name)
+    if len({p.module.up.ndim for p in parts}) > 1:
+        return [f"{name}: linear and 1×1-conv factors reconciled (written as {first.module.kind})"]
+    return []
+
+
+def _output_module(name: str, ref: LoraModule, up: torch.Tensor, down: torch.Tensor, alpha: float | None,
+                   dtype: torch.dtype) -> LoraModule:
+    """Factors (out × k, k × K) shaped like ``ref``'s layer: (out, k[, 1, 1]) and (k, in[, kh, kw])."""
+    k = up.shape[1]
+    conv = ref.up.ndim == 4
+    up = up.reshape(ref.out_features, k, 1, 1) if conv else up
+    down = down.reshape(k, ref.in_features, *ref.kernel_size) if conv else down.reshape(k, ref.in_features)
+    return LoraModule(name=name, up=up.to("cpu", dtype).contiguous(), down=down.to("cpu", dtype).contiguous(),
+                      alpha=alpha)
+
+
+def _merge_module(name: str, parts: list[_Part], options: MergeOptions, rank_cap: int | None,
+                  device: torch.device) -> _Outcome:
+    live = [p for p in parts if p.strength != 0.0]
+    if not live:
+        return _Outcome(None, "strength or block weight 0 in every input")
+    notes = _check_shapes(name, live)
+    ref = live[0].module
+    factors = [p.module.factor_matrices(torch.float32, device) for p in live]
+    if options.mode == "svd":
+        outcome = _svd(name, live, factors, options, rank_cap)
+    elif len(live) == 1:  # one source: that LoRA itself, strength folded in evenly, its own alpha
+        (up, down), part = factors[0], live[0]
+        root = math.sqrt(abs(part.strength))
+        alpha = part.module.alpha if part.module.alpha is not None else float(part.module.rank)
+        outcome = _Outcome(_output_module(name, ref, math.copysign(root, part.strength) * up, root * down, alpha,
+                                          options.dtype))
+    elif options.mode == "concat":
+        ups, downs = [], []
+        for (up, down), p in zip(factors, live, strict=True):
+            root = math.sqrt(abs(p.scale))
+            ups.append(math.copysign(root, p.scale) * up)
+            downs.append(root * down)
+        up, down = torch.cat(ups, 1), torch.cat(downs, 0)
+        outcome = _Outcome(_output_module(name, ref, up, down, float(up.shape[1]), options.dtype))  # scale 1
+    else:
+        outcome = _Outcome(_add(name, live, factors, options.dtype))
+    outcome.notes = notes + outcome.notes
+    return outcome
+
+
+def _add(name: str, parts: list[_Part], factors: list[tuple[torch.Tensor, torch.Tensor]],
+         dtype: torch.dtype) -> LoraModule:
+    """The seed's factor sum: U = Σ √(αᵢ/α₁)·sᵢ·Uᵢ, D = Σ √(αᵢ/α₁)·|sᵢ|·Dᵢ, alpha α₁ (approximate)."""
+    ranks = [p.module.rank for p in parts]
+    if len(set(ranks)) > 1:
+        listing = " and ".join(f"rank {r} in {p.source}" for r, p in zip(ranks, parts, strict=True))
+        raise LoraMergeError(f"add mode needs equal ranks, got {listing}; use --mode concat (exact) or svd",
+                             module=name)
+    alphas = [p.module.alpha if p.module.alpha is not None else float(p.module.rank) for p in parts]
+    if alphas[0] <= 0 or any(a < 0 for a in alphas):
+        raise LoraMergeError(f"add mode needs positive alphas, got {', '.join(f'{a:g}' for a in alphas)}",
+                             module=name)
+    up = sum(math.sqrt(a / alphas[0]) * p.strength * u for (u, _), p, a in zip(factors, parts, alphas, strict=True))
+    down = sum(math.sqrt(a / alphas[0]) * abs(p.strength) * d for (_, d), p, a in zip(factors, parts, alphas, strict=True))
+    return _output_module(name, parts[0].module, up, down, alphas[0], dtype)
+
+
+def _svd(name: str, parts: list[_Part], factors: list[tuple[torch.Tensor, torch.Tensor]], options: MergeOptions,
+         rank_cap: int | None) -> _Outcome:
+    ref = parts[0].module
+    ups, downs = [], []
+    for (u, d), p in zip(factors, parts, strict=True):
+        root = math.sqrt(abs(p.scale))  # balanced, like concat: keeps both stacks well scaled
+        ups.append(math.copysign(root, p.scale) * u)
+        downs.append(root * d)
+    up, down = torch.cat(ups, 1), torch.cat(downs, 0)
+    stacked = up.shape[1]
+    cap = min(rank_cap or stacked, up.shape[0], down.shape[1], stacked)
+    svd = factor_svd(up, down, cap)
+    values = svd.values
+    # ‖ΔW‖ ≤ Σ‖Uᵢ‖‖Dᵢ‖: singular values below fp32 rounding of that are noise (e.g. a LoRA minus itself)
+    magnitude = sum(float(torch.linalg.norm(u)) * float(torch.linalg.norm(d)) for u, d in zip(ups, downs, strict=True))
+    significant = int((values > magnitude * _NOISE * stacked).sum())
+    if significant == 0:
+        return _Outcome(None, "ΔW is zero")
+    cap = min(cap, significant)
+    k = cap if options.threshold is None else min(cap, max(1, rank_for_threshold(values, options.threshold)))
+    new_up, new_down = split_factors(svd, k)
+    if options.clamp is not None:
+        new_up, new_down = clamp_factors(new_up, new_down, options.clamp)
+    energy = svd.energy
+    kept = float((values[:k] ** 2).sum() / energy)
+    return _Outcome(_output_module(name, ref, new_up, new_down, float(k), options.dtype), energy=kept)
