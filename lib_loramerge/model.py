@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -39,6 +40,43 @@ def kind_of(weight_shape: tuple[int, ...]) -> str:
     if tuple(weight_shape[2:]) == (1, 1):
         return CONV1X1
     return CONV
+
+
+class NetworkModule(Protocol):
+    """What every module type offers the merge engine, the bake and the inspector.
+
+    ``factor_matrices`` is the contract: an exact pair (U, D) with ΔW = scale · U @ D, U of shape
+    (out, r) and D of shape (r, in·kh·kw), from which merges and ranks are computed.
+    """
+
+    name: str
+    alpha: float | None
+    algo: str
+
+    @property
+    def rank(self) -> int: ...
+    @property
+    def weight_shape(self) -> tuple[int, ...]: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def scale(self) -> float: ...
+    @property
+    def dtype(self) -> torch.dtype: ...
+    @property
+    def is_lazy(self) -> bool: ...
+    @property
+    def is_text_encoder(self) -> bool: ...
+    @property
+    def out_features(self) -> int: ...
+    @property
+    def in_features(self) -> int: ...
+    @property
+    def kernel_size(self) -> tuple[int, ...]: ...
+    def load(self) -> NetworkModule: ...
+    def factor_matrices(self, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]: ...
+    def delta(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor: ...
 
 
 @dataclass

@@ -219,7 +219,7 @@ def _check_shapes(name: str, parts: list[_Part]) -> list[str]:
         if _flat_shape(p.module.weight_shape) != _flat_shape(first.module.weight_shape):
             raise LoraMergeError(f"shape {list(first.module.weight_shape)} in {first.source} but "
                                  f"{list(p.module.weight_shape)} in {p.source}: not the same layer", module=name)
-    if len({p.module.up.ndim for p in parts}) > 1:
+    if len({len(p.module.weight_shape) for p in parts}) > 1:
         return [f"{name}: linear and 1×1-conv factors reconciled (written as {first.module.kind})"]
     return []
 
@@ -228,7 +228,7 @@ def _output_module(name: str, ref: LoraModule, up: torch.Tensor, down: torch.Ten
                    dtype: torch.dtype) -> LoraModule:
     """Factors (out × k, k × K) shaped like ``ref``'s layer: (out, k[, 1, 1]) and (k, in[, kh, kw])."""
     k = up.shape[1]
-    conv = ref.up.ndim == 4
+    conv = len(ref.weight_shape) == 4
     up = up.reshape(ref.out_features, k, 1, 1) if conv else up
     down = down.reshape(k, ref.in_features, *ref.kernel_size) if conv else down.reshape(k, ref.in_features)
     return LoraModule(name=name, up=up.to("cpu", dtype).contiguous(), down=down.to("cpu", dtype).contiguous(),
