@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from . import __version__
 from .errors import LoraMergeError
@@ -65,23 +66,39 @@ class _TqdmProgress:
             self.bar.close()
 
 
+def _input_specs(args: argparse.Namespace) -> list:
+    from .jobs import LoraSpec, specs_from_prompt
+
+    if args.prompt is not None:
+        if args.models or args.ratios or args.te_ratios or args.lbws:
+            raise LoraMergeError("give either --prompt or --models (with --ratios/--te-ratios/--lbws), not both")
+        return specs_from_prompt(args.prompt, args.lora_dir or [])
+    if not args.models:
+        raise LoraMergeError("no inputs: give --models FILE … or --prompt '<lora:NAME:…>' with --lora-dir")
+    n = len(args.models)
+    unet = _per_model(args.ratios, n, "--ratios") or [1.0] * n
+    te = _per_model(args.te_ratios, n, "--te-ratios") or [None] * n
+    lbws = _per_model(args.lbws, n, "--lbws") or [None] * n
+    return [LoraSpec(Path(p), unet=u, te=t, lbw=None if w in (None, "-") else w)
+            for p, u, t, w in zip(args.models, unet, te, lbws, strict=True)]
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
+    from .blocks.presets import load_presets
     from .formats.writer import parse_dtype
-    from .jobs import check_output, merge_to_file, read_inputs
-    from .ops.merge import MergeInput, MergeOptions, default_device
+    from .jobs import check_output, merge_to_file, prepare_inputs
+    from .ops.merge import MergeOptions, default_device
 
     options = MergeOptions(mode=args.mode, rank=args.rank, threshold=args.threshold, clamp=args.clamp,
                            device=args.device or default_device(), dtype=parse_dtype(args.dtype))
     options.validate()
     check_output(args.out, args.overwrite)
-    n = len(args.models)
-    unet = _per_model(args.ratios, n, "--ratios") or [1.0] * n
-    te = _per_model(args.te_ratios, n, "--te-ratios") or [None] * n
-    loras = read_inputs(args.models)
-    inputs = [MergeInput(lora, unet=u, te=t) for lora, u, t in zip(loras, unet, te, strict=True)]
+    specs = _input_specs(args)
+    presets = load_presets(args.presets, args.webui_root) if any(s.lbw for s in specs) else None
+    inputs, notes = prepare_inputs(specs, presets, seed=args.lbw_seed)
     progress = _TqdmProgress(f"merge ({args.mode})")
     try:
-        job = merge_to_file(inputs, options, args.out, overwrite=args.overwrite, progress=progress)
+        job = merge_to_file(inputs, options, args.out, overwrite=args.overwrite, progress=progress, notes=notes)
     finally:
         progress.close()
     if args.json:
@@ -127,11 +144,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("merge", help="merge LoRAs into one: concat (exact), svd (best rank-k), add (seed's sum)")
-    p.add_argument("--models", nargs="+", required=True, metavar="FILE", help="input LoRA files")
+    p.add_argument("--models", nargs="+", metavar="FILE", help="input LoRA files")
     p.add_argument("--ratios", nargs="+", type=float, metavar="S",
                    help="UNet strength per model (one value: all); default 1. Negative values subtract")
     p.add_argument("--te-ratios", nargs="+", type=float, metavar="S",
                    help="text-encoder strength per model; default: the UNet strength")
+    p.add_argument("--lbws", nargs="+", metavar="SPEC",
+                   help="block weights per model, as LBW: a preset name or 12/17/20/26 comma-separated values "
+                        "(R, U, X, X+d, X-d allowed); '-' for none; one value: all")
+    p.add_argument("--presets", action="append", metavar="FILE",
+                   help="extra LBW preset file (NAME:v1,…,vN per line); overrides presets of the same name")
+    p.add_argument("--webui-root", metavar="DIR",
+                   help="A1111/Forge folder: read the presets of an installed sd-webui-lora-block-weight")
+    p.add_argument("--lbw-seed", type=int, metavar="N", help="seed for R/U block weights (input i uses N+i)")
+    p.add_argument("--prompt", metavar="TAGS",
+                   help="instead of --models: A1111 tags such as \"<lora:a:0.8:lbw=OUTALL> <lora:b:0.5:0.3>\"")
+    p.add_argument("--lora-dir", action="append", metavar="DIR", help="folder the --prompt names are looked up in")
     p.add_argument("--mode", choices=("svd", "concat", "add"), default="svd",
                    help="svd: best rank-k approximation of the exact sum (default); concat: exact, rank = sum of "
                         "ranks; add: the seed's factor sum (approximate, equal ranks only)")

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .arch import PRETTY
+from .blocks.report import block_norms
 from .formats.reader import read_lora
 from .model import CONV, LoraModel
 
@@ -35,8 +36,11 @@ def algorithm_of(model: LoraModel) -> str:
     return "LoRA"
 
 
-def summarize(model: LoraModel) -> dict[str, Any]:
-    """A JSON-ready description of a LoRA (the ``info`` command's ``--json`` output)."""
+def summarize(model: LoraModel, blocks: bool = True) -> dict[str, Any]:
+    """A JSON-ready description of a LoRA (the ``info`` command's ``--json`` output).
+
+    ``blocks``: add the ‖ΔW‖ of each LBW block (from the factors; reads every factor).
+    """
     mods = list(model.modules.values())
     dtypes = Counter(short_dtype(m.dtype) for m in mods)
     ranks = Counter(m.rank for m in mods)
@@ -62,7 +66,13 @@ def summarize(model: LoraModel) -> dict[str, Any]:
         "metadata_keys": len(meta),
         "extras": {k: {"dtype": d, "shape": list(s)} for k, (d, s) in model.extras.items()},
         "notes": list(model.notes),
+        "blocks": _blocks(model) if blocks else None,
     }
+
+
+def _blocks(model: LoraModel) -> dict[str, Any] | None:
+    report = block_norms(model)
+    return report.as_dict() if report else None
 
 
 def inspect_lora(path: str | os.PathLike) -> dict[str, Any]:
@@ -96,4 +106,16 @@ def format_summary(s: dict[str, Any]) -> str:
     else:
         lines.append("metadata:    none")
     lines += [f"note:        {n}" for n in s["notes"]]
+    blocks = s.get("blocks")
+    if blocks:
+        touched = [b for b in blocks["layout"] if blocks["modules"][b]]
+        lines.append(f"blocks:      {len(touched)} of {len(blocks['layout'])} LBW blocks touched; ‖ΔW‖ per block:")
+        peak = max((blocks["norms"][b] for b in touched), default=0.0) or 1.0
+        for b in blocks["layout"]:
+            n = blocks["modules"][b]
+            bar = "#" * round(30 * blocks["norms"][b] / peak)
+            lines.append(f"  {b:<5} {blocks['norms'][b]:10.4f}  {n:4d} modules  {bar}" if n else f"  {b:<5} {'-':>10}")
+        if blocks["no_block"]:
+            lines.append(f"  not in any block (LBW keeps ratio 1): {len(blocks['no_block'])} modules, "
+                         f"e.g. {blocks['no_block'][0]}")
     return "\n".join(lines)

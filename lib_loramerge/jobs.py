@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
+from .blocks.presets import PresetBook, load_presets
+from .blocks.prompt import find_lora, parse_prompt
+from .blocks.weights import parse_block_weights
 from .errors import LoraMergeError
 from .formats.reader import read_lora
 from .formats.safetensors_io import check_writable_target, file_data_sha256
@@ -62,14 +65,63 @@ def merge_recipe(inputs: Sequence[MergeInput], options: MergeOptions, arch: str)
 
 
 def merge_to_file(inputs: Sequence[MergeInput], options: MergeOptions, out: str | os.PathLike, *,
-                  overwrite: bool = False, progress: Progress | None = None) -> MergeJob:
+                  overwrite: bool = False, progress: Progress | None = None,
+                  notes: Sequence[str] = ()) -> MergeJob:
     """Merge already-read inputs and write the result atomically (nothing is written on failure)."""
     out = check_output(out, overwrite)
     result = merge_loras(inputs, options, progress)
+    result.report.notes[:0] = list(notes)
     recipe = merge_recipe(inputs, options, result.arch)
     meta = {RECIPE_KEY: json.dumps(recipe, ensure_ascii=False, sort_keys=True)}
     saved = save_lora(result.modules, out, dtype=options.dtype, arch=result.arch, metadata=meta, overwrite=overwrite)
     return MergeJob(path=saved.path, report=result.report, metadata=saved.metadata, arch=result.arch)
+
+
+@dataclass
+class LoraSpec:
+    """One input as a user describes it: a file, strengths, optional block weights (LBW spec, x value)."""
+
+    path: Path
+    unet: float = 1.0
+    te: float | None = None
+    lbw: str | None = None
+    x: float = 1.0
+
+
+def specs_from_prompt(prompt: str, lora_dirs: Sequence[str | os.PathLike]) -> list[LoraSpec]:
+    """``<lora:NAME:TE[:UNET][:lbw=…][:x=…]>`` tags → specs, names resolved as A1111 resolves them."""
+    if not lora_dirs:
+        raise LoraMergeError("a prompt needs a LoRA folder to find the files in (--lora-dir)")
+    return [LoraSpec(find_lora(t.name, list(lora_dirs)), unet=t.unet, te=t.te, lbw=t.lbw, x=t.x)
+            for t in parse_prompt(prompt)]
+
+
+def prepare_inputs(specs: Sequence[LoraSpec], presets: PresetBook | None = None,
+                   seed: int | None = None) -> tuple[list[MergeInput], list[str]]:
+    """Read every input (lazily) and resolve its block weights; returns the inputs and notes to report.
+
+    Random block-weight tokens of input i use seed ``seed + i`` (a fresh seed when None); the
+    values actually used go into each input's recipe.
+    """
+    loras = read_inputs([s.path for s in specs])
+    if presets is None and any(s.lbw for s in specs):
+        presets = load_presets()
+    notes = presets.warnings() if presets else []
+    inputs = []
+    for i, (spec, lora) in enumerate(zip(specs, loras, strict=True)):
+        weights = None
+        if spec.lbw:
+            try:
+                weights = parse_block_weights(spec.lbw, lora.arch, presets, x=spec.x,
+                                              seed=None if seed is None else seed + i)
+            except LoraMergeError as e:
+                raise e.with_path(lora.path) from None
+            shown = ",".join(f"{v:g}" for v in weights.values)
+            seeded = f" (seed {weights.seed})" if weights.seed is not None else ""
+            notes.append(f"{lora.name}: block weights {spec.lbw} = {shown}{seeded}")
+        inputs.append(MergeInput(lora, unet=spec.unet, te=spec.te, block_ratio=weights.ratio if weights else None,
+                                 recipe=weights.recipe() if weights else {}))
+    return inputs, notes
 
 
 def read_inputs(paths: Sequence[str | os.PathLike]) -> list[LoraModel]:

@@ -93,3 +93,10 @@ def attnproc_state_dict(modules: list[LoraModule]) -> dict[str, torch.Tensor]:
         sd[f"{attn}.processor.{proj}_lora.down.weight"] = m.down.contiguous()
         sd[f"{attn}.processor.{proj}_lora.up.weight"] = m.up.contiguous()
     return sd
+
+
+def assert_same_delta(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5, label: str = "") -> None:
+    """‖got − want‖_F ≤ rel·‖want‖_F (a fast check for big matrices; torch.isclose is slow on them)."""
+    assert got.shape == want.shape, (label, got.shape, want.shape)
+    diff = float((got.double() - want.double()).norm())
+    assert diff <= rel * float(want.double().norm()) + 1e-12, (label, diff, float(want.norm()))

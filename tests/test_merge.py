@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
-from synth import make_modules, write_kohya
+from synth import assert_same_delta, make_modules, write_kohya
 
 from lib_loramerge.errors import LoraMergeError
 from lib_loramerge.formats.reader import read_lora
@@ -64,9 +64,7 @@ def check_against_target(inputs, modules, atol=1e-5):
         if name not in out:
             assert float(want.abs().max()) == 0.0, name
             continue
-        got = dense(out[name])
-        assert got.shape == want.shape
-        assert torch.allclose(got, want, atol=atol, rtol=1e-4), (name, float((got - want).abs().max()))
+        assert_same_delta(dense(out[name]), want, rel=atol, label=name)
 
 
 @pytest.mark.parametrize("unet,te", [(1.0, None), (0.7, -0.4), (-1.3, 0.5)])

@@ -1,0 +1,54 @@
+"""Per-block ΔW norms of a LoRA, from its factors: ‖s·U·D‖_F² = s²·Σ (UᵀU) ⊙ (DDᵀ), never U·D itself."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model import LoraModel, NetworkModule
+from .layouts import FULL_LAYOUT, IDS_26
+from .mapping import block_of
+
+
+def delta_norm(module: NetworkModule) -> float:
+    """‖ΔW‖_F of one module at strength 1, through the small r × r Gram matrices."""
+    up, down = module.factor_matrices(torch.float32)
+    up, down = up.double(), down.double()
+    squared = float(((up.T @ up) * (down @ down.T)).sum())
+    return abs(module.scale) * math.sqrt(max(squared, 0.0))
+
+
+@dataclass
+class BlockReport:
+    layout: list[str]
+    norms: dict[str, float]  # block ID → ‖ΔW‖_F over the block's modules (every ID of the layout)
+    modules: dict[str, int]  # block ID → module count
+    no_block: list[str] = field(default_factory=list)  # modules LBW leaves at ratio 1
+
+    @property
+    def touched(self) -> list[str]:
+        return [b for b in self.layout if self.modules.get(b)]
+
+    def as_dict(self) -> dict:
+        return {"layout": self.layout, "norms": self.norms, "modules": self.modules, "no_block": self.no_block}
+
+
+def block_norms(lora: LoraModel) -> BlockReport | None:
+    """‖ΔW‖_F per LBW block (root of the sum of squares over its modules); None for unknown architectures."""
+    layout = FULL_LAYOUT.get(lora.arch)
+    if layout is None:
+        return None
+    squares = dict.fromkeys(IDS_26, 0.0)
+    counts = dict.fromkeys(IDS_26, 0)
+    no_block = []
+    for name, module in lora.modules.items():
+        block = block_of(name, lora.arch)
+        if block is None:
+            no_block.append(name)
+            continue
+        squares[block] += delta_norm(module) ** 2
+        counts[block] += 1
+    return BlockReport(layout=list(layout), norms={b: math.sqrt(squares[b]) for b in layout},
+                       modules={b: counts[b] for b in layout}, no_block=no_block)
