@@ -13,7 +13,7 @@ from lib_loramerge.blocks.layouts import IDS_26, check_length, expand
 from lib_loramerge.blocks.mapping import block_of
 from lib_loramerge.blocks.presets import SHIPPED_PRESETS, PresetBook, load_presets, parse_presets
 from lib_loramerge.blocks.prompt import find_lora, parse_prompt
-from lib_loramerge.blocks.report import block_norms
+from lib_loramerge.blocks.report import block_energy, block_norms
 from lib_loramerge.blocks.weights import parse_block_weights
 from lib_loramerge.cli import main
 from lib_loramerge.errors import LoraMergeError
@@ -240,6 +240,29 @@ def test_block_norms_equal_dense_norms():
         assert report.norms[block] == pytest.approx(math.sqrt(expected.get(block, 0.0)), rel=1e-6), block
     assert report.touched == ["BASE", "IN04", "IN05", "IN06", "M00"]
     assert report.no_block == ["lora_unet_conv_out"] or report.no_block == []
+
+
+def test_svd_energy_pooled_per_block_weighs_modules_by_their_exact_energy():
+    small = "down_blocks_1_attentions_0_transformer_blocks_0_attn1|mid_block_attentions_0_transformer_blocks_0_attn2_to_k"
+    a = make_modules("sd1", rank=3, alpha=1.5, seed=3, only=f"{small}|layers_2_self_attn")
+    b = make_modules("sd1", rank=2, alpha=2.0, seed=4, only="down_blocks_1_attentions_0_transformer_blocks_0_attn1|layers_2_self")
+    inputs = [MergeInput(lora(a, "sd1"), unet=0.9, te=0.4), MergeInput(lora(b, "sd1"), unet=-0.7)]
+    report = merge_loras(inputs, MergeOptions(mode="svd", rank=2, dtype=F32)).report
+    kept, total = {}, {}
+    for name in report.energy:
+        want = sum(i.strength(name) * dense(i.lora.modules[name]) for i in inputs if name in i.lora.modules)
+        s = torch.linalg.svdvals(want)
+        assert report.target_energy[name] == pytest.approx(float((s ** 2).sum()), rel=1e-5), name
+        block = block_of(name, "sd1")
+        kept[block] = kept.get(block, 0.0) + float((s[:2] ** 2).sum())
+        total[block] = total.get(block, 0.0) + float((s ** 2).sum())
+    pooled = block_energy(report.energy, report.target_energy, "sd1")
+    assert {b for b, v in pooled.retained.items() if v is not None} == {"BASE", "IN04", "M00"}
+    for block in kept:
+        assert pooled.retained[block] == pytest.approx(kept[block] / total[block], rel=1e-5), block
+        assert 0 < pooled.retained[block] < 1  # rank 2 of a rank-5 sum loses something
+    assert pooled.modules["IN04"] == sum(block_of(n, "sd1") == "IN04" for n in report.energy)
+    assert block_energy(report.energy, report.target_energy, "unknown") is None
 
 
 def test_prompt_tags_parse_like_a1111():

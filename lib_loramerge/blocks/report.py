@@ -52,3 +52,40 @@ def block_norms(lora: LoraModel) -> BlockReport | None:
         counts[block] += 1
     return BlockReport(layout=list(layout), norms={b: math.sqrt(squares[b]) for b in layout},
                        modules={b: counts[b] for b in layout}, no_block=no_block)
+
+
+@dataclass
+class BlockEnergy:
+    """How much of the exact ΔW an svd merge kept, per LBW block (pooled over the block's modules)."""
+
+    layout: list[str]
+    retained: dict[str, float | None]  # block ID → Σ kept ‖ΔW‖² / Σ exact ‖ΔW‖² (None: no module written there)
+    modules: dict[str, int]  # block ID → modules written
+
+    def as_dict(self) -> dict:
+        return {"layout": self.layout, "retained": self.retained, "modules": self.modules}
+
+
+def block_energy(energy: dict[str, float], target_energy: dict[str, float], arch: str) -> BlockEnergy | None:
+    """Pool an svd merge's per-module retained fractions (``MergeReport.energy``) by block.
+
+    Each module weighs by its exact ‖ΔW‖² (``MergeReport.target_energy``), so a block's value is the
+    fraction of that block's total ΔW energy kept, not an average that tiny modules can swing.
+    Modules in no block are pooled under no ID. None for unknown architectures.
+    """
+    layout = FULL_LAYOUT.get(arch)
+    if layout is None:
+        return None
+    kept = dict.fromkeys(IDS_26, 0.0)
+    total = dict.fromkeys(IDS_26, 0.0)
+    counts = dict.fromkeys(IDS_26, 0)
+    for name, fraction in energy.items():
+        block = block_of(name, arch)
+        if block is None:
+            continue
+        weight = target_energy[name]
+        kept[block] += fraction * weight
+        total[block] += weight
+        counts[block] += 1
+    retained = {b: kept[b] / total[b] if counts[b] and total[b] > 0 else None for b in layout}
+    return BlockEnergy(layout=list(layout), retained=retained, modules={b: counts[b] for b in layout})

@@ -88,6 +88,8 @@ class MergeReport:
     dropped: list[tuple[str, str]] = field(default_factory=list)
     ranks_by_kind: dict[str, dict[int, int]] = field(default_factory=dict)
     energy: dict[str, float] = field(default_factory=dict)  # svd: retained fraction of ‖ΔW‖_F² per module
+    # svd: ‖ΔW‖_F² of each module's exact target, so retained fractions can be pooled by energy (per block, say)
+    target_energy: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -117,6 +119,7 @@ class _Outcome:
     module: LoraModule | None
     dropped: str = ""  # why there is no module
     energy: float | None = None  # svd: retained fraction of ‖ΔW‖_F²
+    target_energy: float | None = None  # svd: ‖ΔW‖_F² of the exact target
     notes: list[str] = field(default_factory=list)
 
 
@@ -180,6 +183,7 @@ def merge_loras(inputs: Sequence[MergeInput], options: MergeOptions,
             by_kind[outcome.module.rank] = by_kind.get(outcome.module.rank, 0) + 1
             if outcome.energy is not None:
                 report.energy[name] = outcome.energy
+                report.target_energy[name] = outcome.target_energy
         if progress:
             progress(done, total, name)
     report.modules_out = len(out)
@@ -307,4 +311,5 @@ def _svd(name: str, parts: list[_Part], factors: list[tuple[torch.Tensor, torch.
         new_up, new_down = clamp_factors(new_up, new_down, options.clamp)
     energy = svd.energy
     kept = float((values[:k] ** 2).sum() / energy)
-    return _Outcome(_output_module(name, ref, new_up, new_down, float(k), options.dtype), energy=kept)
+    return _Outcome(_output_module(name, ref, new_up, new_down, float(k), options.dtype), energy=kept,
+                    target_energy=energy)
