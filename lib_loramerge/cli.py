@@ -130,6 +130,23 @@ def format_merge_report(report, path, arch: str) -> str:
     return "\n".join(lines)
 
 
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from .ui.host import StandaloneHost
+    from .ui.server import serve
+
+    for folder in [*args.lora_dir, *([args.ckpt_dir] if args.ckpt_dir else [])]:
+        if not Path(folder).is_dir():
+            raise LoraMergeError("folder not found", folder)
+    host = StandaloneHost(args.lora_dir, args.ckpt_dir, device=args.device, webui_root=args.webui_root,
+                          preset_files=args.presets or ())
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise LoraMergeError("the ui command needs gradio (pip install 'gradio==3.41.2' or 4.x)") from None
+    serve(host, args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m lib_loramerge",
                      description="Merge LoRAs exactly, bake them into checkpoints, inspect them.")
@@ -173,6 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("ui", help="serve the WebUI tab (merge, bake, inspect) on 127.0.0.1 in a browser")
+    p.add_argument("--lora-dir", action="append", required=True, metavar="DIR",
+                   help="LoRA folder (repeatable); merged LoRAs are saved in the first")
+    p.add_argument("--ckpt-dir", metavar="DIR", help="checkpoint folder: bake reads and saves checkpoints here")
+    p.add_argument("--port", type=int, default=7870, help="port on 127.0.0.1 (default 7870)")
+    p.add_argument("--device", help="default device for the math: cpu or cuda (default: cuda when available)")
+    p.add_argument("--webui-root", metavar="DIR", help="A1111/Forge folder: offer an installed LBW's presets too")
+    p.add_argument("--presets", action="append", metavar="FILE", help="extra LBW preset file (repeatable)")
+    p.set_defaults(func=_cmd_ui)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""WebUI glue: make lib_loramerge importable for the whole session.
+"""WebUI glue: make lib_loramerge importable for the whole session and register the "LoRA Merge" tab.
 
 A1111 puts an extension's root on sys.path only while its scripts load; handlers run later
 and may import submodules lazily, so the root is added for good (at the end, so it never
@@ -12,4 +12,9 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.append(_ROOT)
 
+from modules import script_callbacks  # noqa: E402
+
 import lib_loramerge  # noqa: E402,F401  (after the path fix, by design)
+from lib_loramerge.webui import on_ui_tabs  # noqa: E402
+
+script_callbacks.on_ui_tabs(on_ui_tabs)

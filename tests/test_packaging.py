@@ -19,6 +19,10 @@ def test_scripts_make_the_library_importable_after_load(tmp_path):
         import importlib.util, sys
         root = {str(ROOT)!r}
         sys.path = [p for p in sys.path if p not in ("", root) and "lib_loramerge" not in p]
+        sys.path.insert(0, root + "/tests")
+        import pathlib, fakewebui  # a stand-in of the WebUI's modules, as the scripts import them
+        fakewebui.FakeWebUI(pathlib.Path({str(tmp_path)!r})).install()
+        sys.path.remove(root + "/tests")
         sys.path.insert(0, root)
         spec = importlib.util.spec_from_file_location("lora_merger_script", root + "/scripts/lora_merger.py")
         spec.loader.exec_module(importlib.util.module_from_spec(spec))

@@ -1,0 +1,272 @@
+"""The "LoRA Merge" tab: Merge, Bake and Inspect panels, built for gradio 3.41 (A1111) and 4.40 (Forge).
+
+Only layout and wiring live here; every button calls a function of :mod:`.handlers`, which calls
+the library. Portable gradio only: ``gr.update``, no ``gr.Box`` or ``.style()``, no JavaScript,
+dropdown values always among their choices (custom values only where typing one is the point).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import gradio as gr
+
+from . import handlers
+from .handlers import NO_BLOCK_WEIGHTS, ChartRows, LoraRow, MergeRequest
+from .host import Host
+
+MAX_ROWS = 8  # LoRA rows per panel
+START_ROWS = 2  # rows shown at first; "Add LoRA" shows more
+ELEM = "lora_merger"
+MODES = ["svd", "concat", "add"]
+DTYPES = ["fp16", "bf16", "fp32"]
+MODE_HELP = ("svd: best rank-k approximation of the exact sum · concat: exact, rank = sum of ranks · "
+             "add: the classic factor sum (approximate, equal ranks only)")
+
+
+def _progress_bridge(progress: gr.Progress, verb: str) -> Callable[[int, int, str], None]:
+    """The library's (done, total, module) → gradio's bar, about a hundred updates per job at most."""
+    shown = [-1]
+
+    def report(done: int, total: int, what: str) -> None:
+        if done == total or done - shown[0] >= max(1, total // 100):
+            shown[0] = done
+            progress((done, total), desc=f"{verb}: {what}", unit="modules")
+
+    return report
+
+
+@dataclass(frozen=True)
+class Chart:
+    """A per-block bar chart; its properties are re-sent with every update (see ``update``)."""
+
+    column: str
+    title: str
+    y_title: str
+    y_lim: list[int] | None = None
+
+    def properties(self) -> dict:
+        # only arguments BarPlot takes in both 3.41 (vega-lite) and 4.40 (native plot)
+        return {"x": "block", "y": self.column, "title": self.title, "x_title": "LBW block",
+                "y_title": self.y_title, "y_lim": self.y_lim, "height": 260}
+
+    def component(self, elem_id: str) -> gr.BarPlot:
+        return gr.BarPlot(value=None, label=self.title, show_label=False, visible=False, elem_id=elem_id,
+                          **self.properties())
+
+    def update(self, rows: ChartRows | None) -> dict:
+        """Show ``rows`` (hide the chart when None).
+
+        gradio 3.41's BarPlot.update treats its default ``vertical=True`` as a changed property
+        and then demands a DataFrame and x/y, so every update carries the data and all properties.
+        """
+        import pandas as pd  # a gradio dependency in both versions
+
+        rows = rows or []
+        frame = pd.DataFrame({"block": [b for b, _ in rows], self.column: [float(v) for _, v in rows]})
+        return gr.update(value=frame, visible=bool(rows), **self.properties())
+
+
+ENERGY_CHART = Chart("kept", "Energy kept per block (fraction of ‖ΔW‖²)", "fraction kept", [0, 1])
+NORM_CHART = Chart("norm", "‖ΔW‖ per block (strength 1)", "‖ΔW‖ (Frobenius)")
+
+
+def _markdown_table(rows: list[tuple[str, str]]) -> str:
+    import html
+
+    def cell(text: str) -> str:
+        return html.escape(text).replace("|", "&#124;").replace("\n", " ")
+
+    lines = ["| property | value |", "| --- | --- |"]
+    lines += [f"| {cell(k)} | {cell(v)} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+@dataclass
+class LoraRows:
+    """The repeated LoRA rows of a panel, with their add/remove buttons and shown-row count."""
+
+    rows: list[gr.Row] = field(default_factory=list)
+    loras: list[gr.Dropdown] = field(default_factory=list)
+    unets: list[gr.Number] = field(default_factory=list)
+    tes: list[gr.Number] = field(default_factory=list)
+    weights: list[gr.Dropdown] = field(default_factory=list)
+    shown: gr.State | None = None
+
+    @property
+    def inputs(self) -> list:
+        return [c for i in range(MAX_ROWS) for c in (self.loras[i], self.unets[i], self.tes[i], self.weights[i])]
+
+    @staticmethod
+    def parse(values: list) -> list[LoraRow]:
+        return [LoraRow(values[i], values[i + 1], values[i + 2], values[i + 3])
+                for i in range(0, 4 * MAX_ROWS, 4)]
+
+    def fill(self, rows: list[LoraRow]) -> list:
+        """Updates for ``inputs`` + ``rows`` that show ``rows`` and clear and hide the rest."""
+        values, shown = [], max(len(rows), START_ROWS)
+        for i in range(MAX_ROWS):
+            r = rows[i] if i < len(rows) else LoraRow(None, 1.0, 1.0, NO_BLOCK_WEIGHTS)
+            values += [gr.update(value=r.lora), gr.update(value=r.unet), gr.update(value=r.te),
+                       gr.update(value=r.weights or NO_BLOCK_WEIGHTS)]
+        return values + [gr.update(visible=i < shown) for i in range(MAX_ROWS)] + [shown]
+
+
+def _refresh_button(host: Host, dropdowns: list[gr.Dropdown], choices: Callable[[], list[str]], elem_id: str):
+    def refresh() -> None:
+        host.refresh_loras()
+        host.refresh_checkpoints()
+
+    made = host.refresh_button(dropdowns, refresh, lambda: {"choices": choices()}, elem_id)
+    if made is not None:
+        return made
+    button = gr.Button("🔄", elem_id=elem_id, size="sm", scale=0, min_width=40)
+
+    def click():
+        refresh()
+        updates = [gr.update(choices=choices()) for _ in dropdowns]
+        return updates if len(updates) > 1 else updates[0]
+
+    button.click(click, inputs=[], outputs=dropdowns, queue=False)
+    return button
+
+
+def _lora_rows(host: Host, prefix: str, lora_choices: list[str], preset_choices: list[str]) -> LoraRows:
+    rows = LoraRows()
+    for i in range(MAX_ROWS):
+        with gr.Row(visible=i < START_ROWS, elem_id=f"{prefix}_row_{i}", equal_height=True) as row:
+            rows.rows.append(row)
+            rows.loras.append(gr.Dropdown(choices=lora_choices, value=None, label=f"LoRA {i + 1}", scale=4,
+                                          elem_id=f"{prefix}_lora_{i}"))
+            _refresh_button(host, [rows.loras[i]], lambda: list(host.loras()), f"{prefix}_refresh_{i}")
+            rows.unets.append(gr.Number(value=1.0, label="UNet strength", scale=1, min_width=90,
+                                        elem_id=f"{prefix}_unet_{i}"))
+            rows.tes.append(gr.Number(value=1.0, label="TE strength", scale=1, min_width=90,
+                                      elem_id=f"{prefix}_te_{i}"))
+            rows.weights.append(gr.Dropdown(choices=preset_choices, value=NO_BLOCK_WEIGHTS, allow_custom_value=True,
+                                            label="Block weights (preset, or LBW values)", scale=3,
+                                            elem_id=f"{prefix}_weights_{i}"))
+    rows.shown = gr.State(START_ROWS)
+    with gr.Row():
+        add = gr.Button("➕ Add LoRA", size="sm", elem_id=f"{prefix}_add")
+        remove = gr.Button("➖ Remove last", size="sm", elem_id=f"{prefix}_remove")
+
+    def change(shown: int, delta: int):
+        shown = max(1, min(MAX_ROWS, int(shown) + delta))
+        cleared = [gr.update() if i < shown else gr.update(value=None) for i in range(MAX_ROWS)]
+        return [gr.update(visible=i < shown) for i in range(MAX_ROWS)] + cleared + [shown]
+
+    outputs = [*rows.rows, *rows.loras, rows.shown]
+    add.click(lambda n: change(n, +1), inputs=[rows.shown], outputs=outputs, queue=False)
+    remove.click(lambda n: change(n, -1), inputs=[rows.shown], outputs=outputs, queue=False)
+    return rows
+
+
+def build_tab(host: Host) -> gr.Blocks:
+    """The whole tab as one ``gr.Blocks`` (A1111/Forge render it inside their own tab)."""
+    lora_choices = list(host.loras())
+    presets = host.presets()
+    preset_choices = [NO_BLOCK_WEIGHTS, *presets.names()]
+    device_choices = list(dict.fromkeys([host.device(), "cpu", *(["cuda"] if _cuda() else [])]))
+    all_lora_dropdowns: list[gr.Dropdown] = []
+
+    with gr.Blocks(analytics_enabled=False, title="LoRA Merge") as tab:
+        with gr.Tabs(elem_id=f"{ELEM}_panels"):
+            with gr.Tab("Merge", id="merge", elem_id=f"{ELEM}_merge_panel"):
+                m = _merge_panel(host, lora_choices, preset_choices, device_choices)
+                all_lora_dropdowns += m.rows.loras
+            with gr.Tab("Inspect", id="inspect", elem_id=f"{ELEM}_inspect_panel"):
+                inspect_lora = _inspect_panel(host, lora_choices)
+                all_lora_dropdowns.append(inspect_lora)
+
+        def run_merge(progress=gr.Progress(), *values):  # noqa: B008 (gradio finds its bar by this default)
+            *row_values, mode, rank, threshold, dtype, device, output, overwrite = values
+            request = MergeRequest(rows=LoraRows.parse(row_values), output=output, mode=mode, rank=rank,
+                                   threshold=threshold, dtype=dtype, device=device, overwrite=bool(overwrite))
+            outcome = handlers.merge(host, request, _progress_bridge(progress, "merging"))
+            choices = list(host.loras())  # the new file appears in every LoRA dropdown
+            return [outcome.message, ENERGY_CHART.update(outcome.chart),
+                    *[gr.update(choices=choices) for _ in all_lora_dropdowns]]
+
+        m.merge.click(run_merge, inputs=[*m.rows.inputs, *m.settings],
+                      outputs=[m.result, m.chart, *all_lora_dropdowns])
+        m.stop.click(host.interrupt, inputs=[], outputs=[], queue=False)
+    return tab
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@dataclass
+class MergePanel:
+    rows: LoraRows
+    settings: list
+    merge: gr.Button
+    stop: gr.Button
+    result: gr.Textbox
+    chart: gr.BarPlot
+
+
+def _merge_panel(host: Host, lora_choices: list[str], preset_choices: list[str], device_choices: list[str]) -> MergePanel:
+    p = f"{ELEM}_merge"
+    gr.Markdown(f"Merge LoRAs into one file in **{host.lora_output_dir()}**. A strength means what "
+                "`<lora:name:te:unet>` means in the WebUI; block weights mean what LBW's `lbw=` means.")
+    rows = _lora_rows(host, p, lora_choices, preset_choices)
+    with gr.Accordion("Fill the rows from a prompt", open=False):
+        with gr.Row():
+            prompt = gr.Textbox(label="Prompt with <lora:NAME:TE:UNET:lbw=…> tags", lines=2, scale=4,
+                                elem_id=f"{p}_prompt")
+            fill = gr.Button("Fill rows", scale=1, elem_id=f"{p}_fill")
+        fill_message = gr.Markdown(elem_id=f"{p}_fill_message")
+    with gr.Row():
+        mode = gr.Radio(MODES, value="svd", label="Mode", info=MODE_HELP, elem_id=f"{p}_mode", scale=3)
+        rank = gr.Number(value=0, precision=0, minimum=0, label="Rank (svd; 0: the largest input rank)",
+                         elem_id=f"{p}_rank", scale=1)
+        threshold = gr.Number(value=0, minimum=0, maximum=1, label="Energy threshold (svd; 0: off)",
+                              elem_id=f"{p}_threshold", scale=1)
+    with gr.Row():
+        dtype = gr.Dropdown(DTYPES, value="fp16", label="Save as", elem_id=f"{p}_dtype", scale=1)
+        device = gr.Dropdown(device_choices, value=device_choices[0], label="Device", elem_id=f"{p}_device", scale=1)
+        output = gr.Textbox(label="Output file name (saved in the LoRA folder)", placeholder="merged.safetensors",
+                            elem_id=f"{p}_output", scale=3)
+        overwrite = gr.Checkbox(value=False, label="Overwrite", elem_id=f"{p}_overwrite", scale=1)
+    with gr.Row():
+        merge = gr.Button("Merge", variant="primary", elem_id=f"{p}_button", scale=4)
+        stop = gr.Button("Stop", elem_id=f"{p}_stop", scale=1)
+    result = gr.Textbox(label="Result", lines=10, max_lines=30, interactive=False, elem_id=f"{p}_result")
+    chart = ENERGY_CHART.component(f"{p}_chart")
+
+    def from_prompt(text: str, shown: int):
+        try:
+            filled = handlers.rows_from_prompt(host, text, MAX_ROWS)
+        except Exception as e:  # noqa: BLE001 (shown to the user, rows untouched)
+            return [handlers.describe_error(e), *[gr.update() for _ in range(5 * MAX_ROWS)], shown]
+        return [f"Filled {len(filled)} row{'s' if len(filled) != 1 else ''} from the prompt.", *rows.fill(filled)]
+
+    fill.click(from_prompt, inputs=[prompt, rows.shown],
+               outputs=[fill_message, *rows.inputs, *rows.rows, rows.shown])
+    return MergePanel(rows, [mode, rank, threshold, dtype, device, output, overwrite], merge, stop, result, chart)
+
+
+def _inspect_panel(host: Host, lora_choices: list[str]) -> gr.Dropdown:
+    p = f"{ELEM}_inspect"
+    with gr.Row(equal_height=True):
+        lora = gr.Dropdown(choices=lora_choices, value=None, label="LoRA", elem_id=f"{p}_lora", scale=4)
+        _refresh_button(host, [lora], lambda: list(host.loras()), f"{p}_refresh")
+        button = gr.Button("Inspect", variant="primary", elem_id=f"{p}_button", scale=1)
+    summary = gr.Markdown(elem_id=f"{p}_summary")
+    chart = NORM_CHART.component(f"{p}_chart")
+    table = gr.Markdown(elem_id=f"{p}_table")
+
+    def run(label: str | None):
+        outcome = handlers.inspect(host, label)
+        if not outcome.ok:
+            return outcome.message, NORM_CHART.update(None), ""
+        return f"**{outcome.message}**", NORM_CHART.update(outcome.chart), _markdown_table(outcome.table)
+
+    button.click(run, inputs=[lora], outputs=[summary, chart, table])
+    return lora

@@ -1,0 +1,219 @@
+"""What the tab's buttons do, in plain Python (no gradio): called by the UI, and directly by tests.
+
+Every action returns an :class:`Outcome` whose message is what the user reads. Errors never escape
+as tracebacks: a ``LoraMergeError`` becomes its one-line message, anything unexpected one line
+"internal error …". The work itself is the library's (``prepare_inputs``, ``merge_to_file``, …).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..arch import PRETTY
+from ..blocks.report import block_energy
+from ..errors import LoraMergeError
+from ..jobs import LoraSpec, check_output, merge_to_file, prepare_inputs, specs_from_prompt
+from .host import Host
+
+log = logging.getLogger(__name__)
+
+NO_BLOCK_WEIGHTS = "none"
+OUTPUT_SUFFIX = ".safetensors"
+# characters no file name may hold on Windows (where most WebUIs run), plus control characters
+_FORBIDDEN = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
+
+UiProgress = Callable[[int, int, str], None]
+ChartRows = list[tuple[str, float]]  # (block ID, value) in LBW's block order
+
+
+@dataclass
+class LoraRow:
+    """One row of the tab: a LoRA by its label, strengths, block weights (preset name or values)."""
+
+    lora: str | None
+    unet: float | None = 1.0  # None: the field was left empty
+    te: float | None = 1.0
+    weights: str | None = None
+
+    @property
+    def used(self) -> bool:
+        return bool(self.lora)
+
+    @property
+    def block_weights(self) -> str | None:
+        spec = (self.weights or "").strip()
+        return None if spec in ("", NO_BLOCK_WEIGHTS) else spec
+
+
+@dataclass
+class MergeRequest:
+    rows: list[LoraRow]
+    output: str
+    mode: str = "svd"
+    rank: int | None = None  # None or 0: svd's default (the largest input rank)
+    threshold: float | None = None  # None or 0: off
+    dtype: str = "fp16"
+    device: str = "cpu"
+    overwrite: bool = False
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    message: str
+    path: Path | None = None
+    chart: ChartRows | None = None  # merge: energy retained per block (svd only)
+    table: list[tuple[str, str]] = field(default_factory=list)  # inspect: (property, value)
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for the user; never a traceback (unexpected errors are logged with theirs)."""
+    if isinstance(error, LoraMergeError):
+        return f"error: {error}"
+    if isinstance(error, MemoryError):
+        return "error: out of memory (try the cpu device, a smaller rank, or fewer LoRAs at once)"
+    if isinstance(error, OSError):
+        where = f"{error.filename}: " if getattr(error, "filename", None) else ""
+        return f"error: {where}{error.strerror or error}"
+    log.error("lora merger: internal error", exc_info=error)
+    return f"internal error ({type(error).__name__}: {' '.join(str(error).split())[:300]}); please report it"
+
+
+def output_path(name: str | None, folder: Path) -> Path:
+    """A bare file name typed by the user → a path in ``folder`` (``.safetensors`` added if missing).
+
+    Refused: empty names, any path separator, '.'/'..', drive letters and other characters a file
+    name cannot hold, so an output can only land in the folder the tab says.
+    """
+    name = (name or "").strip()
+    if not name:
+        raise LoraMergeError("give an output file name")
+    if _FORBIDDEN.search(name) or name in (".", "..") or Path(name).is_absolute() or name.startswith("."):
+        raise LoraMergeError(f"output name '{name}' must be a bare file name (no folders, no '..', "
+                             "none of < > : \" / \\ | ? *, not starting with '.')")
+    if not name.lower().endswith(OUTPUT_SUFFIX):
+        name += OUTPUT_SUFFIX
+    return folder / name
+
+
+def specs_from_rows(host: Host, rows: list[LoraRow]) -> list[LoraSpec]:
+    used = [r for r in rows if r.used]
+    if not used:
+        raise LoraMergeError("choose at least one LoRA")
+    files = host.loras()
+    specs = []
+    for row in used:
+        path = files.get(row.lora)
+        if path is None:
+            raise LoraMergeError(f"LoRA '{row.lora}' is not in the LoRA folders any more (refresh the list)")
+        if row.unet is None or row.te is None:
+            raise LoraMergeError(f"{row.lora}: give both strengths (UNet and TE)")
+        specs.append(LoraSpec(path, unet=float(row.unet), te=float(row.te), lbw=row.block_weights))
+    return specs
+
+
+def job_progress(host: Host, ui_progress: UiProgress | None) -> Callable[[int, int, str], None]:
+    """The jobs' progress callback: the host first (it raises on interrupt), then the UI's bar."""
+
+    def report(done: int, total: int, what: str) -> None:
+        host.job_progress(done, total, what)
+        if ui_progress is not None:
+            ui_progress(done, total, what)
+
+    return report
+
+
+def merge(host: Host, request: MergeRequest, ui_progress: UiProgress | None = None) -> Outcome:
+    """Merge the used rows into ``request.output`` in the host's LoRA folder."""
+    try:
+        from ..cli import format_merge_report
+        from ..formats.writer import parse_dtype
+        from ..ops.merge import MergeOptions
+
+        out = output_path(request.output, host.lora_output_dir())
+        check_output(out, request.overwrite)
+        options = MergeOptions(mode=request.mode, rank=int(request.rank) if request.rank else None,
+                               threshold=float(request.threshold) if request.threshold else None,
+                               device=request.device or host.device(), dtype=parse_dtype(request.dtype))
+        options.validate()
+        specs = specs_from_rows(host, request.rows)
+        presets = host.presets() if any(s.lbw for s in specs) else None
+
+        def job():
+            inputs, notes = prepare_inputs(specs, presets)
+            return merge_to_file(inputs, options, out, overwrite=request.overwrite,
+                                 progress=job_progress(host, ui_progress), notes=notes)
+
+        done = host.run_job(f"LoRA merge → {out.name}", job)
+        host.refresh_loras()
+        chart = None
+        if done.report.energy:
+            pooled = block_energy(done.report.energy, done.report.target_energy, done.arch)
+            if pooled is not None:
+                chart = [(b, v) for b, v in pooled.retained.items() if v is not None]
+        return Outcome(True, format_merge_report(done.report, done.path, done.arch), path=done.path, chart=chart)
+    except Exception as e:  # noqa: BLE001 (every failure becomes a message)
+        return Outcome(False, describe_error(e))
+
+
+def rows_from_prompt(host: Host, prompt: str, max_rows: int) -> list[LoraRow]:
+    """``<lora:NAME:TE:UNET:lbw=…>`` tags → rows (labels as the dropdowns show them)."""
+    specs = specs_from_prompt(prompt, host.lora_dirs())
+    if len(specs) > max_rows:
+        raise LoraMergeError(f"the prompt names {len(specs)} LoRAs; the tab has {max_rows} rows")
+    labels = {path.resolve(): label for label, path in host.loras().items()}
+    rows = []
+    for spec in specs:
+        if spec.x != 1.0:
+            raise LoraMergeError(f"{spec.path.name}: x= is not supported by the tab's rows; use "
+                                 "'python -m lib_loramerge merge --prompt …' for it")
+        label = labels.get(spec.path.resolve())
+        if label is None:  # found by find_lora but not listed: should not happen, say so plainly
+            raise LoraMergeError(f"{spec.path}: found but not in the LoRA list (refresh the list)")
+        te = spec.unet if spec.te is None else spec.te
+        rows.append(LoraRow(label, unet=spec.unet, te=te, weights=spec.lbw or NO_BLOCK_WEIGHTS))
+    return rows
+
+
+def _value_text(value: object, limit: int = 240) -> str:
+    text = " ".join(str(value).split())
+    return text[:limit] + "…" if len(text) > limit else text
+
+
+def inspect(host: Host, label: str | None) -> Outcome:
+    """A LoRA's facts as (property, value) rows and its ‖ΔW‖ per LBW block."""
+    try:
+        from ..formats.reader import read_lora
+        from ..info import summarize
+
+        if not label:
+            raise LoraMergeError("choose a LoRA to inspect")
+        path = host.loras().get(label)
+        if path is None:
+            raise LoraMergeError(f"LoRA '{label}' is not in the LoRA folders any more (refresh the list)")
+        s = summarize(read_lora(path))
+        kinds = ", ".join(f"{k} ×{n}" for k, n in s["modules_by_kind"].items())
+        table = [
+            ("file", str(path)),
+            ("format", f"{s['format']} ({s['algorithm']})"),
+            ("architecture", PRETTY.get(s["arch"], s["arch"]) + "".join(f"; {n}" for n in s["arch_notes"])),
+            ("modules", f"{s['modules']} ({s['unet_modules']} UNet, {s['text_encoder_modules']} text encoder); {kinds}"),
+            ("ranks", ", ".join(f"{r} ×{n}" for r, n in s["rank_counts"].items())),
+            ("alpha", ", ".join(str(a) for a in s["alphas"])),
+            ("dtype", s["dtype"]),
+            ("metadata", f"{s['metadata_keys']} keys"),
+            *[(f"· {k}", _value_text(v)) for k, v in s["metadata"].items()],
+            *[("note", _value_text(n)) for n in s["notes"]],
+        ]
+        blocks = s["blocks"]
+        chart = [(b, blocks["norms"][b]) for b in blocks["layout"]] if blocks else None
+        if blocks is None:
+            table.append(("blocks", "no block chart: the architecture is unknown"))
+        return Outcome(True, f"{path.name}: {PRETTY.get(s['arch'], s['arch'])}, {s['modules']} modules",
+                       path=path, chart=chart, table=table)
+    except Exception as e:  # noqa: BLE001
+        return Outcome(False, describe_error(e))
