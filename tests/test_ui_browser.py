@@ -1,0 +1,175 @@
+"""A real browser on the standalone UI: Debian's chromium driven by Playwright (never `playwright install`).
+
+Chooses two LoRAs, strengths and a preset, merges, reads the message and the new file; fills rows from
+a prompt; opens Inspect and sees the table and the chart. Screenshots go to artifacts/screenshots/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from uikit import lora_folder, need
+
+from lib_loramerge.formats.safetensors_io import read_header
+from lib_loramerge.jobs import RECIPE_KEY
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path(os.environ.get("LORAMERGE_CHROMIUM", "/usr/bin/chromium"))
+SHOTS = ROOT / "artifacts" / "screenshots"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+TIMEOUT_MS = 60_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_serving(url: str, server: subprocess.Popen, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"the ui command exited with {server.returncode}:\n{server.stdout.read()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"nothing served at {url} after {seconds} s")
+
+
+@pytest.fixture(scope="module")
+def standalone(tmp_path_factory):
+    try:
+        import gradio  # noqa: F401
+        import playwright.sync_api  # noqa: F401
+        have = True
+    except ImportError:
+        have = False
+    need(have, "gradio or playwright is not installed in this environment")
+    need(CHROMIUM.is_file(), f"{CHROMIUM} not found (Debian's chromium: apt-get install chromium)")
+    root = tmp_path_factory.mktemp("standalone")
+    loras = lora_folder(root)
+    (root / "ckpt").mkdir()
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "lib_loramerge", "ui", "--lora-dir", str(loras),
+                               "--ckpt-dir", str(root / "ckpt"), "--port", str(port), "--device", "cpu"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+                              start_new_session=True)
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}/", server)
+        yield f"http://127.0.0.1:{port}", loras
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # our own process group only
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(20)
+
+
+@pytest.fixture
+def page(standalone):
+    from playwright.sync_api import sync_playwright
+
+    url, _ = standalone
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            # everything stays on loopback (gradio asks for web fonts and a CDN script; there is no internet)
+            page.route("**/*", lambda r: r.continue_() if r.request.url.startswith(url) else r.abort())
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url + "/", wait_until="domcontentloaded")
+            page.wait_for_selector("#lora_merger_merge_lora_0 input")
+            yield page
+        finally:
+            browser.close()
+
+
+def pick(page, elem_id: str, value: str) -> None:
+    page.locator(f"#{elem_id} input").click()
+    page.locator(f'#{elem_id} li[data-testid="dropdown-option"][data-value="{value}"]').click()
+    assert page.locator(f"#{elem_id} input").input_value() == value
+
+
+def type_number(page, elem_id: str, value: float) -> None:
+    box = page.locator(f"#{elem_id} input")
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def result_text(page, elem_id: str) -> str:
+    page.wait_for_function(f"() => document.querySelector('#{elem_id} textarea').value.length > 0")
+    return page.locator(f"#{elem_id} textarea").input_value()
+
+
+def shoot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / name), full_page=True)
+
+
+def test_merge_two_loras_in_the_browser_then_inspect_the_result(standalone, page):
+    _, loras = standalone
+    pick(page, "lora_merger_merge_lora_0", "style_a.safetensors")
+    pick(page, "lora_merger_merge_lora_1", "character_b.safetensors")
+    type_number(page, "lora_merger_merge_unet_0", 0.8)
+    type_number(page, "lora_merger_merge_te_0", 0.6)
+    type_number(page, "lora_merger_merge_unet_1", -0.5)
+    pick(page, "lora_merger_merge_weights_1", "MIDD")
+    page.locator("#lora_merger_merge_output textarea").fill("from_browser")
+    page.locator("#lora_merger_merge_button").click()
+    message = result_text(page, "lora_merger_merge_result")
+    out = loras / "from_browser.safetensors"
+    assert message.startswith(f"wrote {out} (SD1, svd of 2 LoRAs"), message
+    assert out.is_file()
+    recipe = json.loads(read_header(out).metadata[RECIPE_KEY])
+    assert [(i["file"], i["unet"], i["te"], i.get("lbw")) for i in recipe["inputs"]] == [
+        ("style_a.safetensors", 0.8, 0.6, None), ("character_b.safetensors", -0.5, 1.0, "MIDD")]
+    chart = page.locator("#lora_merger_merge_chart")
+    chart.locator(".vega-embed canvas").wait_for()  # the energy-per-block chart of the svd merge (vega-lite)
+    shoot(page, "merge.png")
+
+    page.locator("#lora_merger_panels .tab-nav button", has_text="Inspect").click()
+    pick(page, "lora_merger_inspect_lora", "from_browser.safetensors")  # the new file is in the list
+    page.locator("#lora_merger_inspect_button").click()
+    table = page.locator("#lora_merger_inspect_table table")
+    table.wait_for()
+    assert "architecture SD1" in " ".join(table.inner_text().split())
+    page.locator("#lora_merger_inspect_chart .vega-embed canvas").wait_for()
+    assert "from_browser.safetensors: SD1" in page.locator("#lora_merger_inspect_summary").first.inner_text()
+    shoot(page, "inspect.png")
+
+
+def test_bad_name_and_prompt_rows_in_the_browser(standalone, page):
+    _, loras = standalone
+    pick(page, "lora_merger_merge_lora_0", "detail_c.safetensors")
+    page.locator("#lora_merger_merge_output textarea").fill("../outside")
+    page.locator("#lora_merger_merge_button").click()
+    assert result_text(page, "lora_merger_merge_result").startswith("error: output name '../outside' must be a bare")
+    assert not (loras.parent / "outside.safetensors").exists()
+
+    page.get_by_text("Fill the rows from a prompt").click()
+    page.locator("#lora_merger_merge_prompt textarea").fill("<lora:style_a:0.4:0.9> <lora:character_b:1:lbw=OUTALL>"
+                                                           " <lora:detail_c:0.3>")
+    page.locator("#lora_merger_merge_fill").click()
+    page.get_by_text("Filled 3 rows from the prompt.").wait_for()
+    assert page.locator("#lora_merger_merge_row_2").is_visible()
+    assert page.locator("#lora_merger_merge_lora_2 input").input_value() == "detail_c.safetensors"
+    assert page.locator("#lora_merger_merge_weights_1 input").input_value() == "OUTALL"
+    assert page.locator("#lora_merger_merge_unet_0 input").input_value() == "0.9"
+    assert page.locator("#lora_merger_merge_te_0 input").input_value() == "0.4"
+    shoot(page, "from_prompt.png")
