@@ -50,15 +50,16 @@ def _per_model(values: list[float] | None, n: int, flag: str) -> list[float] | N
 class _TqdmProgress:
     """Module progress on stderr (silent when stderr is not a terminal)."""
 
-    def __init__(self, desc: str):
+    def __init__(self, desc: str, unit: str = "module"):
         self.desc = desc
+        self.unit = unit
         self.bar = None
 
     def __call__(self, done: int, total: int, name: str) -> None:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=self.desc, unit="module", file=sys.stderr, disable=None, leave=False)
+            self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=sys.stderr, disable=None, leave=False)
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
@@ -108,6 +109,54 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bake(args: argparse.Namespace) -> int:
+    from .blocks.presets import load_presets
+    from .formats.tensorfile import check_input_path
+    from .formats.writer import parse_dtype
+    from .jobs import bake_to_file, check_output, prepare_inputs
+    from .ops.merge import check_device, default_device
+
+    dtype = None if args.dtype.lower() == "keep" else parse_dtype(args.dtype)
+    device = args.device or default_device()
+    check_device(device)
+    check_input_path(args.checkpoint)
+    check_output(args.out, args.overwrite)
+    specs = _input_specs(args)
+    presets = load_presets(args.presets, args.webui_root) if any(s.lbw for s in specs) else None
+    inputs, notes = prepare_inputs(specs, presets, seed=args.lbw_seed)
+    progress = _TqdmProgress("bake", unit="tensor")
+    try:
+        job = bake_to_file(args.checkpoint, inputs, args.out, dtype=dtype, device=device, overwrite=args.overwrite,
+                           allow_unmatched=args.allow_unmatched, progress=progress, notes=notes)
+    finally:
+        progress.close()
+    if args.json:
+        print(json.dumps({"out": str(job.path), **job.report.as_dict()}, indent=2))
+    else:
+        print(format_bake_report(job.report, job.path))
+    return 0
+
+
+def format_bake_report(report, path) -> str:
+    from .arch import PRETTY
+
+    lines = [f"wrote {path} ({PRETTY.get(report.arch, report.arch)} checkpoint {report.checkpoint} + "
+             f"{', '.join(report.inputs)})",
+             f"modules baked: {report.modules_baked} into {report.keys_patched} tensors"]
+    if report.by_block:
+        lines.append("  per block: " + ", ".join(f"{b} {n}" for b, n in report.by_block.items()))
+    if report.skipped_zero:
+        lines.append(f"  {report.skipped_zero} modules skipped: strength or block weight 0")
+    if report.unmatched:
+        lines.append(f"unmatched modules (not baked): {len(report.unmatched)}")
+        lines += [f"  {lora}: {module}: {why}" for lora, module, why in report.unmatched[:10]]
+        if len(report.unmatched) > 10:
+            lines.append(f"  … and {len(report.unmatched) - 10} more")
+    lines += [f"note: {n}" for n in report.notes]
+    lines.append(f"time: {report.seconds:.2f} s")
+    return "\n".join(lines)
+
+
 def format_merge_report(report, path, arch: str) -> str:
     from .arch import PRETTY
 
@@ -147,20 +196,8 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m lib_loramerge",
-                     description="Merge LoRAs exactly, bake them into checkpoints, inspect them.")
-    parser.add_argument("--version", action="version", version=f"lib_loramerge {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
-
-    p = sub.add_parser("info", help="describe a LoRA file: format, architecture, modules, ranks, metadata")
-    p.add_argument("file", help="a LoRA (.safetensors, or .pt/.ckpt read with the safe unpickler)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.set_defaults(func=_cmd_info)
-
-    p = sub.add_parser("merge", help="merge LoRAs into one: concat (exact), svd (best rank-k), add (seed's sum)")
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    """The LoRAs of a merge or bake: files with strengths and block weights, or A1111 prompt tags."""
     p.add_argument("--models", nargs="+", metavar="FILE", help="input LoRA files")
     p.add_argument("--ratios", nargs="+", type=float, metavar="S",
                    help="UNet strength per model (one value: all); default 1. Negative values subtract")
@@ -177,6 +214,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", metavar="TAGS",
                    help="instead of --models: A1111 tags such as \"<lora:a:0.8:lbw=OUTALL> <lora:b:0.5:0.3>\"")
     p.add_argument("--lora-dir", action="append", metavar="DIR", help="folder the --prompt names are looked up in")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m lib_loramerge",
+                     description="Merge LoRAs exactly, bake them into checkpoints, inspect them.")
+    parser.add_argument("--version", action="version", version=f"lib_loramerge {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("info", help="describe a LoRA file: format, architecture, modules, ranks, metadata")
+    p.add_argument("file", help="a LoRA (.safetensors, or .pt/.ckpt read with the safe unpickler)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("merge", help="merge LoRAs into one: concat (exact), svd (best rank-k), add (seed's sum)")
+    _add_input_args(p)
     p.add_argument("--mode", choices=("svd", "concat", "add"), default="svd",
                    help="svd: best rank-k approximation of the exact sum (default); concat: exact, rank = sum of "
                         "ranks; add: the seed's factor sum (approximate, equal ranks only)")
@@ -190,6 +244,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("bake", help="bake LoRAs into an SD1/SD2/SDXL checkpoint (W' = W + sum of strength x dW)")
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="LDM-format checkpoint (.safetensors or .ckpt)")
+    _add_input_args(p)
+    p.add_argument("--dtype", default="fp16",
+                   help="floating-point tensors of the output: fp16 (default), bf16, fp32, or keep (each as it is)")
+    p.add_argument("--device", help="where W + dW is computed: cpu or cuda (default: cuda when available)")
+    p.add_argument("--out", required=True, help="output .safetensors checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--allow-unmatched", action="store_true",
+                   help="bake even if some LoRA modules have no matching layer (they are listed)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_bake)
 
     p = sub.add_parser("ui", help="serve the WebUI tab (merge, bake, inspect) on 127.0.0.1 in a browser")
     p.add_argument("--lora-dir", action="append", required=True, metavar="DIR",

@@ -9,7 +9,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from . import __version__
+from .bake.stream import BakeReport, bake
 from .blocks.presets import PresetBook, load_presets
 from .blocks.prompt import find_lora, parse_prompt
 from .blocks.weights import parse_block_weights
@@ -122,6 +125,38 @@ def prepare_inputs(specs: Sequence[LoraSpec], presets: PresetBook | None = None,
         inputs.append(MergeInput(lora, unet=spec.unet, te=spec.te, block_ratio=weights.ratio if weights else None,
                                  recipe=weights.recipe() if weights else {}))
     return inputs, notes
+
+
+@dataclass
+class BakeJob:
+    path: Path
+    report: BakeReport
+    metadata: dict[str, str]
+
+
+def bake_to_file(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], out: str | os.PathLike, *,
+                 dtype: torch.dtype | None = torch.float16, device: str = "cpu", overwrite: bool = False,
+                 allow_unmatched: bool = False, progress: Progress | None = None,
+                 notes: Sequence[str] = ()) -> BakeJob:
+    """Bake the inputs into ``checkpoint`` and write ``out`` atomically, with a recipe in its metadata."""
+    out = check_output(out, overwrite)
+    ckpt = Path(checkpoint)
+
+    def recipe(checkpoint_sha256: str) -> dict[str, str]:
+        data = {
+            "tool": "sd-webui-lora-merger", "version": __version__, "type": "bake",
+            "checkpoint": {"file": ckpt.name, "sha256": checkpoint_sha256},
+            "dtype": "keep" if dtype is None else short_dtype(dtype),
+            "inputs": [{"file": i.lora.path.name if i.lora.path else i.lora.name, "hash": lora_hash(i.lora),
+                        "unet": i.unet, "te": i.te_strength, **i.recipe} for i in inputs],
+        }
+        return {RECIPE_KEY: json.dumps(data, ensure_ascii=False, sort_keys=True)}
+
+    report, written = bake(ckpt, inputs, out, dtype=dtype, device=device, overwrite=overwrite,
+                           allow_unmatched=allow_unmatched, progress=progress,
+                           metadata=recipe("0" * 64), finalize=recipe)
+    report.notes[:0] = list(notes)
+    return BakeJob(path=out, report=report, metadata=written)
 
 
 def read_inputs(paths: Sequence[str | os.PathLike]) -> list[LoraModel]:

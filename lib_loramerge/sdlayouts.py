@@ -272,15 +272,88 @@ def lora_modules(arch: str, scope: str = SCOPE_LOCON, text_encoder: bool = True,
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# VAE (the same AutoencoderKL in SD1, SD2 and SDXL)
+
+VAE_CKPT_PREFIX = "first_stage_model."
+
+
+def _vae_resnet(prefix: str, cin: int, cout: int) -> Iterator[tuple[str, Shape]]:
+    yield f"{prefix}.norm1.weight", (cin,)
+    yield f"{prefix}.norm1.bias", (cin,)
+    yield f"{prefix}.conv1.weight", (cout, cin, 3, 3)
+    yield f"{prefix}.conv1.bias", (cout,)
+    yield f"{prefix}.norm2.weight", (cout,)
+    yield f"{prefix}.norm2.bias", (cout,)
+    yield f"{prefix}.conv2.weight", (cout, cout, 3, 3)
+    yield f"{prefix}.conv2.bias", (cout,)
+    if cin != cout:
+        yield f"{prefix}.nin_shortcut.weight", (cout, cin, 1, 1)
+        yield f"{prefix}.nin_shortcut.bias", (cout,)
+
+
+def _vae_mid(prefix: str, ch: int) -> Iterator[tuple[str, Shape]]:
+    yield from _vae_resnet(f"{prefix}.block_1", ch, ch)
+    yield f"{prefix}.attn_1.norm.weight", (ch,)
+    yield f"{prefix}.attn_1.norm.bias", (ch,)
+    for proj in ("q", "k", "v", "proj_out"):
+        yield f"{prefix}.attn_1.{proj}.weight", (ch, ch, 1, 1)
+        yield f"{prefix}.attn_1.{proj}.bias", (ch,)
+    yield from _vae_resnet(f"{prefix}.block_2", ch, ch)
+
+
+def vae_tensors(width_divisor: int = 1, ch_mult: tuple[int, ...] = (1, 2, 4, 4)) -> Iterator[tuple[str, Shape]]:
+    """Every VAE parameter (key relative to ``first_stage_model.``, shape): ch 128, z 4, 2/3 blocks per level."""
+    ch = 128 // width_divisor
+    top = ch * ch_mult[-1]
+    yield "encoder.conv_in.weight", (ch, 3, 3, 3)
+    yield "encoder.conv_in.bias", (ch,)
+    cin = ch
+    for i, mult in enumerate(ch_mult):
+        for j in range(2):
+            yield from _vae_resnet(f"encoder.down.{i}.block.{j}", cin, ch * mult)
+            cin = ch * mult
+        if i != len(ch_mult) - 1:
+            yield f"encoder.down.{i}.downsample.conv.weight", (cin, cin, 3, 3)
+            yield f"encoder.down.{i}.downsample.conv.bias", (cin,)
+    yield from _vae_mid("encoder.mid", top)
+    yield "encoder.norm_out.weight", (top,)
+    yield "encoder.norm_out.bias", (top,)
+    yield "encoder.conv_out.weight", (8, top, 3, 3)
+    yield "encoder.conv_out.bias", (8,)
+    yield "decoder.conv_in.weight", (top, 4, 3, 3)
+    yield "decoder.conv_in.bias", (top,)
+    yield from _vae_mid("decoder.mid", top)
+    cin = top
+    for i in reversed(range(len(ch_mult))):
+        for j in range(3):
+            yield from _vae_resnet(f"decoder.up.{i}.block.{j}", cin, ch * ch_mult[i])
+            cin = ch * ch_mult[i]
+        if i:
+            yield f"decoder.up.{i}.upsample.conv.weight", (cin, cin, 3, 3)
+            yield f"decoder.up.{i}.upsample.conv.bias", (cin,)
+    yield "decoder.norm_out.weight", (ch,)
+    yield "decoder.norm_out.bias", (ch,)
+    yield "decoder.conv_out.weight", (3, ch, 3, 3)
+    yield "decoder.conv_out.bias", (3,)
+    yield "quant_conv.weight", (8, 8, 1, 1)
+    yield "quant_conv.bias", (8,)
+    yield "post_quant_conv.weight", (4, 4, 1, 1)
+    yield "post_quant_conv.bias", (4,)
+
+
 def is_integer_tensor(key: str) -> bool:
     """Checkpoint buffers that are not floating point (kept as they are by a bake)."""
     return key.endswith("position_ids")
 
 
-def checkpoint_tensors(arch: str, width_divisor: int = 1) -> Iterator[tuple[str, Shape]]:
-    """Every UNet and text-encoder parameter of an LDM-format checkpoint (full key, shape)."""
+def checkpoint_tensors(arch: str, width_divisor: int = 1, vae: bool = False) -> Iterator[tuple[str, Shape]]:
+    """Every UNet and text-encoder (and with ``vae``, VAE) parameter of an LDM-format checkpoint."""
     for key, shape in unet_tensors(arch, width_divisor):
         yield UNET_CKPT_PREFIX + key, shape
     for te in TEXT_ENCODERS[arch]:
         for key, shape in text_encoder_tensors(te, width_divisor):
             yield te.ckpt_prefix + key, shape
+    if vae:
+        for key, shape in vae_tensors(width_divisor):
+            yield VAE_CKPT_PREFIX + key, shape

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 import torch
 
 from . import sdlayouts
+from .formats.safetensors_io import TensorSpec, write_safetensors
 from .model import LoraModule
 
 
 def random_modules(arch: str, *, scope: str = sdlayouts.SCOPE_LOCON, rank: int = 2, alpha: float | None = 1.0,
                    seed: int = 0, text_encoder: bool = True, diffusers_names: bool | None = None,
-                   only: str | None = None, conv_rank: int | None = None, std: float = 0.1) -> list[LoraModule]:
+                   only: str | None = None, conv_rank: int | None = None, std: float = 0.1,
+                   width_divisor: int = 1) -> list[LoraModule]:
     """One module per layer a trainer of ``scope`` targets; ``only`` keeps names matching that regex.
 
     Factors are Gaussian with standard deviation ``std`` (fp32); ``conv_rank`` sets the rank of
@@ -20,7 +24,7 @@ def random_modules(arch: str, *, scope: str = sdlayouts.SCOPE_LOCON, rank: int =
     """
     gen = torch.Generator().manual_seed(seed)
     modules = []
-    for name, shape in sdlayouts.lora_modules(arch, scope, text_encoder, diffusers_names).items():
+    for name, shape in sdlayouts.lora_modules(arch, scope, text_encoder, diffusers_names, width_divisor).items():
         if only and not re.search(only, name):
             continue
         out, inp, *kernel = shape
@@ -29,3 +33,23 @@ def random_modules(arch: str, *, scope: str = sdlayouts.SCOPE_LOCON, rank: int =
         down = torch.randn(r, inp, *kernel, generator=gen)
         modules.append(LoraModule(name, up * std, down * std, alpha))
     return modules
+
+
+def write_random_checkpoint(path: str | os.PathLike, arch: str, *, width_divisor: int = 1,
+                            dtype: torch.dtype = torch.float16, seed: int = 0, vae: bool = True,
+                            metadata: dict[str, str] | None = None) -> Path:
+    """An LDM-format checkpoint with every real key and shape of ``arch`` (narrowed by ``width_divisor``).
+
+    Written tensor by tensor, so even a full-size (2–7 GB) checkpoint needs little memory.
+    """
+    specs = []
+    for i, (key, shape) in enumerate(sdlayouts.checkpoint_tensors(arch, width_divisor, vae=vae)):
+        if sdlayouts.is_integer_tensor(key):
+            specs.append(TensorSpec(key, torch.int64, shape, torch.arange(shape[-1]).reshape(shape)))
+            continue
+
+        def make(shape: tuple[int, ...] = shape, i: int = i) -> torch.Tensor:
+            return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100_003 + i)) * 0.02
+        specs.append(TensorSpec(key, dtype, shape, make))
+    write_safetensors(path, specs, metadata or {}, overwrite=True)
+    return Path(path)

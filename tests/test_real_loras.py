@@ -86,5 +86,39 @@ def test_layouts_match_real_kohya_manifests():
 def test_checkpoint_layouts_match_real_manifests():
     for arch, file in (("sd1", "sd1-ldm.yaml"), ("sdxl", "sdxl-sgm.yaml")):
         real = {k: s for k, s in manifest(file).items()
-                if k.startswith(("model.diffusion_model.", "cond_stage_model.", "conditioner."))}
-        assert dict(sdlayouts.checkpoint_tensors(arch)) == real, file
+                if k.startswith(("model.diffusion_model.", "cond_stage_model.", "conditioner.", "first_stage_model."))}
+        assert dict(sdlayouts.checkpoint_tensors(arch, vae=True)) == real, file
+
+
+def test_every_kohya_module_of_the_real_layouts_finds_its_checkpoint_key():
+    from lib_loramerge.bake.keymap import CheckpointLayout, fit_problem
+
+    skip = ("token_embedding", "position_embedding", "text_projection")
+    for ckpt_file, arch, kohya_files in (
+        ("sd1-ldm.yaml", "sd1", [("sd1-kohya.yaml", {"unet.": "lora_unet_", "te.": "lora_te_"})]),
+        ("sdxl-sgm.yaml", "sdxl", [(f, {"unet.": "lora_unet_", "te1.": "lora_te1_", "te2.": "lora_te2_"})
+                                   for f in ("sdxl-kohya.yaml", "sdxl-kohya_but_diffusers.yaml")]),
+    ):
+        layout = CheckpointLayout(manifest(ckpt_file))
+        assert layout.arch == arch
+        for kohya_file, prefixes in kohya_files:
+            modules = {k: s for k, s in kohya_names(manifest(kohya_file), prefixes).items()
+                       if not any(w in k for w in skip)}
+            targets = {}
+            for name, shape in modules.items():
+                target = layout.target(name)
+                assert target is not None, (kohya_file, name)
+                assert fit_problem(shape, target) is None, (kohya_file, name)
+                targets.setdefault((target.key, target.rows), name)
+            assert len(targets) == len(modules), kohya_file  # no two modules on the same weight
+
+
+def test_real_diffusers_loras_find_their_layers_in_real_checkpoints():
+    from lib_loramerge.bake.keymap import CheckpointLayout, fit_problem
+
+    layout = CheckpointLayout(manifest("sd1-ldm.yaml"))
+    for rel, expected in EXPECTED.items():
+        if isinstance(expected, tuple) and expected[1] == "sd1":
+            for name, module in read_lora(REAL_LORAS / rel).modules.items():
+                target = layout.target(name)
+                assert target is not None and fit_problem(module.weight_shape, target) is None, (rel, name)

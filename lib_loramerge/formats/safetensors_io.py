@@ -16,8 +16,10 @@ import hashlib
 import json
 import math
 import os
+import queue
 import struct
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,9 +201,39 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
-def iter_data(specs: list[TensorSpec]) -> Iterator[tuple[TensorSpec, memoryview]]:
-    for s in specs:
-        yield s, tensor_bytes(s.materialize())
+def iter_data(specs: list[TensorSpec], prefetch: int = 0) -> Iterator[tuple[TensorSpec, memoryview]]:
+    """Each spec with its bytes; with ``prefetch`` > 0 a thread makes up to that many tensors ahead,
+    so producing the next tensor overlaps with writing this one."""
+    if prefetch <= 0:
+        for s in specs:
+            yield s, tensor_bytes(s.materialize())
+        return
+    ready: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for s in specs:
+                if stop.is_set():
+                    return
+                ready.put((s, tensor_bytes(s.materialize()), None))
+        except BaseException as e:  # handed to the consumer, raised there
+            ready.put((None, None, e))
+
+    worker = threading.Thread(target=produce, name="safetensors-prefetch", daemon=True)
+    worker.start()
+    try:
+        for _ in specs:
+            spec, data, error = ready.get()
+            if error is not None:
+                raise error
+            yield spec, data
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                ready.get(timeout=0.05)
+        worker.join()
 
 
 MODEL_HASH_KEY, LEGACY_HASH_KEY = "sshs_model_hash", "sshs_legacy_hash"
@@ -248,14 +280,17 @@ def sshs_hashes(specs: Iterable[TensorSpec], metadata: Mapping[str, str]) -> tup
 
 def write_safetensors(path: str | os.PathLike, specs: Iterable[TensorSpec],
                       metadata: Mapping[str, str] | None = None, *, overwrite: bool = False,
-                      sshs: bool = False, progress: Callable[[int, int], None] | None = None) -> dict[str, str]:
+                      sshs: bool = False, finalize: Callable[[], Mapping[str, str]] | None = None,
+                      progress: Callable[[int, int], None] | None = None, prefetch: int = 0) -> dict[str, str]:
     """Write a safetensors file atomically: a temp file in the target folder, fsync, rename.
 
-    Tensors are produced, cast and written one at a time. With ``sshs`` the kohya hashes are
-    computed over the bytes as they go out and put in the header, which is written last (it has
-    a fixed length). An existing file is replaced only with ``overwrite``; on any failure the
-    temp file is removed and nothing is left behind. ``progress(done_bytes, total_bytes)`` is
-    called after each tensor. Returns the metadata written.
+    Tensors are produced, cast and written one at a time. Metadata known only once the data is
+    written goes in last, into a header of unchanged length: with ``sshs`` the kohya hashes,
+    computed over the bytes as they go out; with ``finalize``, the values it returns (each
+    replacing a placeholder of the same length already in ``metadata``). An existing file is
+    replaced only with ``overwrite``; on any failure the temp file is removed and nothing is
+    left behind. ``progress(done_bytes, total_bytes)`` is called after each tensor; ``prefetch``
+    makes tensors ahead in a thread (see :func:`iter_data`). Returns the metadata written.
     """
     path = Path(path)
     check_writable_target(path, overwrite)
@@ -273,7 +308,7 @@ def write_safetensors(path: str | os.PathLike, specs: Iterable[TensorSpec],
         with os.fdopen(fd, "wb") as f:
             f.write(head)
             done = 0
-            for spec, data in iter_data(specs):
+            for spec, data in iter_data(specs, prefetch):
                 if len(data) != spec.nbytes:
                     raise LoraMergeError(f"internal: {spec.name} gave {len(data)} bytes, expected {spec.nbytes}")
                 f.write(data)
@@ -282,10 +317,12 @@ def write_safetensors(path: str | os.PathLike, specs: Iterable[TensorSpec],
                 done += len(data)
                 if progress:
                     progress(done, total)
-            if tap:
-                meta.update(tap.digests())
+            if tap or finalize:
+                meta.update(tap.digests() if tap else {})
+                meta.update(finalize() if finalize else {})
                 final = header_bytes(specs, meta)
-                assert len(final) == len(head)
+                if len(final) != len(head):
+                    raise LoraMergeError("internal: late metadata changed the header length")
                 f.seek(0)
                 f.write(final)
             f.flush()

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import LoraMergeError
 from ..model import LoraModel, LoraModule, is_text_encoder
+from ..runtime import torch_threads
 from .lowrank import clamp_factors, factor_svd, rank_for_threshold, split_factors
 
 MODES = ("add", "concat", "svd")
@@ -201,15 +202,11 @@ def parallel_map(fn: Callable[[str], _Outcome], items: Iterable[str], device: to
     if workers <= 1:
         yield from map(fn, items)
         return
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="lora-merge") as pool:
-            try:
-                yield from pool.map(fn, items)
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
-    finally:
-        torch.set_num_threads(workers)
+    with torch_threads(1), ThreadPoolExecutor(workers, thread_name_prefix="lora-merge") as pool:
+        try:
+            yield from pool.map(fn, items)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _flat_shape(shape: tuple[int, ...]) -> tuple[int, ...]:

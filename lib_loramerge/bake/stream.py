@@ -1,0 +1,200 @@
+"""Bake LoRAs into a checkpoint, tensor by tensor: W′ = W + Σᵢ ΔWᵢ in fp32, then cast.
+
+The checkpoint is read and the output written one tensor at a time (a safetensors file is a
+header plus raw bytes), so peak memory is about one tensor plus the LoRAs' current module, not
+two checkpoints. Untouched tensors are copied (cast only when a dtype change was asked for);
+tensors that are not floating point are always copied as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..blocks.layouts import IDS_26
+from ..blocks.mapping import block_of
+from ..errors import LoraMergeError
+from ..formats.safetensors_io import TensorSpec, write_safetensors
+from ..formats.tensorfile import TensorFile, open_tensor_file
+from ..model import NetworkModule
+from ..ops.merge import MergeInput, check_device, common_arch
+from ..runtime import torch_threads
+from .keymap import CheckpointLayout, Target, fit_problem
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class BakeReport:
+    checkpoint: str
+    arch: str
+    inputs: list[str]
+    keys_patched: int = 0
+    modules_baked: int = 0
+    by_block: dict[str, int] = field(default_factory=dict)  # LBW block → modules baked ("-": in no block)
+    unmatched: list[tuple[str, str, str]] = field(default_factory=list)  # (lora, module, why)
+    skipped_zero: int = 0  # modules whose strength × block weight is 0
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"checkpoint": self.checkpoint, "arch": self.arch, "inputs": self.inputs,
+                "keys_patched": self.keys_patched, "modules_baked": self.modules_baked, "by_block": self.by_block,
+                "unmatched": [{"lora": lo, "module": m, "why": w} for lo, m, w in self.unmatched],
+                "skipped_zero": self.skipped_zero, "notes": self.notes, "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class _Patch:
+    module: NetworkModule
+    strength: float
+    target: Target
+
+
+class _FileHasher(threading.Thread):
+    """sha256 of a whole file (A1111's checkpoint hash), on the other core while the bake runs."""
+
+    def __init__(self, path: Path):
+        super().__init__(daemon=True)
+        self.path = path
+        self.digest = ""
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            h = hashlib.sha256()
+            with open(self.path, "rb") as f:
+                for chunk in iter(lambda: f.read(8 << 20), b""):
+                    h.update(chunk)
+            self.digest = h.hexdigest()
+        except BaseException as e:  # reported when joined
+            self.error = e
+
+    def result(self) -> str:
+        self.join()
+        if self.error:
+            raise LoraMergeError(f"cannot hash the checkpoint ({self.error})", self.path)
+        return self.digest
+
+
+def plan_patches(layout: CheckpointLayout, inputs: Sequence[MergeInput], report: BakeReport,
+                 ) -> dict[str, list[_Patch]]:
+    """Checkpoint key → the module updates to add, in input order; unmatched modules go to the report."""
+    patches: dict[str, list[_Patch]] = {}
+    for inp in inputs:
+        for name, module in inp.lora.modules.items():
+            strength = inp.strength(name)
+            if strength == 0.0:
+                report.skipped_zero += 1
+                continue
+            target = layout.target(name)
+            why = "no such layer in the checkpoint" if target is None else fit_problem(module.weight_shape, target)
+            if why:
+                report.unmatched.append((inp.lora.name, name, why))
+                continue
+            patches.setdefault(target.key, []).append(_Patch(module, strength, target))
+            block = block_of(name, layout.arch) or "-"
+            report.by_block[block] = report.by_block.get(block, 0) + 1
+            report.modules_baked += 1
+    report.keys_patched = len(patches)
+    order = {b: i for i, b in enumerate([*IDS_26, "-"])}
+    report.by_block = dict(sorted(report.by_block.items(), key=lambda kv: order[kv[0]]))
+    return patches
+
+
+def _fit(delta: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """ΔW in the target's shape: linear ↔ 1×1 conv reshaped; extra conv_in input channels padded with 0."""
+    if delta.numel() == torch.Size(shape).numel():
+        return delta.reshape(shape)
+    padded = delta.new_zeros(shape)
+    padded[:, : delta.shape[1]] = delta
+    return padded
+
+
+def patched_tensor(tf: TensorFile, key: str, patches: list[_Patch], device: torch.device) -> torch.Tensor:
+    """W + Σ strength·ΔW, accumulated in fp32 on ``device``."""
+    weight = tf.get(key).to(device=device, dtype=torch.float32, copy=True)
+    for p in patches:
+        delta = p.module.delta(torch.float32, device)
+        if p.target.rows is None:
+            weight.add_(_fit(delta, p.target.tensor_shape), alpha=p.strength)
+        else:
+            start, stop = p.target.rows
+            weight[start:stop].add_(_fit(delta, p.target.weight_shape), alpha=p.strength)
+    return weight
+
+
+def bake(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], out: str | os.PathLike, *,
+         dtype: torch.dtype | None = torch.float16, device: str = "cpu", overwrite: bool = False,
+         allow_unmatched: bool = False, progress: Progress | None = None,
+         metadata: dict[str, str] | None = None, finalize: Callable[[str], dict[str, str]] | None = None,
+         ) -> tuple[BakeReport, dict[str, str]]:
+    """Write ``checkpoint`` + the inputs' ΔW to ``out``; returns the report and the metadata written.
+
+    ``dtype``: floating-point tensors are written in it (None: each keeps its own). ``metadata``
+    is added to the checkpoint's own; ``finalize(checkpoint_sha256)`` may return late metadata
+    values (same length as their placeholders), e.g. a recipe holding the checkpoint's hash.
+    """
+    started = time.perf_counter()
+    dev = check_device(device)
+    if not inputs:
+        raise LoraMergeError("nothing to bake: no LoRAs given")
+    with open_tensor_file(checkpoint) as tf:
+        try:
+            layout = CheckpointLayout({k: i.shape for k, i in tf.infos.items()})
+        except LoraMergeError as e:
+            raise e.with_path(tf.path) from None
+        lora_arch = common_arch(inputs)
+        if lora_arch != "unknown" and lora_arch != layout.arch:
+            raise LoraMergeError(f"the LoRAs are {lora_arch.upper()} but the checkpoint is {layout.arch.upper()}",
+                                 tf.path)
+        report = BakeReport(checkpoint=tf.path.name, arch=layout.arch, inputs=[i.lora.name for i in inputs])
+        patches = plan_patches(layout, inputs, report)
+        if report.unmatched and not allow_unmatched:
+            lora, module, why = report.unmatched[0]
+            raise LoraMergeError(f"{len(report.unmatched)} LoRA modules have no matching layer in the checkpoint "
+                                 f"(first: {lora}: {module}: {why}); use --allow-unmatched to bake the rest")
+        if not patches:
+            raise LoraMergeError("no LoRA module matches a layer of this checkpoint; nothing to bake", tf.path)
+        hasher = _FileHasher(tf.path)
+        hasher.start()
+        specs = _specs(tf, patches, dtype, dev, progress)
+        meta = {**tf.metadata, **(metadata or {})}
+        late = (lambda: finalize(hasher.result())) if finalize else None
+        # three things overlap: this thread writes, a prefetch thread computes W + ΔW, the hasher
+        # hashes; torch keeps to one thread so none of them waits on a busy core
+        try:
+            with torch_threads(1 if dev.type == "cpu" else torch.get_num_threads()):
+                written = write_safetensors(out, specs, meta, overwrite=overwrite, finalize=late, prefetch=2)
+        finally:
+            hasher.join()
+    report.seconds = time.perf_counter() - started
+    return report, written
+
+
+def _specs(tf: TensorFile, patches: dict[str, list[_Patch]], dtype: torch.dtype | None, device: torch.device,
+           progress: Progress | None) -> list[TensorSpec]:
+    total = len(tf.infos)
+    done = [0]
+
+    def producer(key: str) -> Callable[[], torch.Tensor]:
+        def make() -> torch.Tensor:
+            tensor = patched_tensor(tf, key, patches[key], device) if key in patches else tf.get(key)
+            done[0] += 1
+            if progress:
+                progress(done[0], total, key)
+            return tensor
+        return make
+
+    specs = []
+    for key, info in tf.infos.items():
+        out_dtype = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
+        specs.append(TensorSpec(key, out_dtype, info.shape, producer(key)))
+    return specs
