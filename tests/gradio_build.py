@@ -34,13 +34,13 @@ def apply_update(block, update: dict) -> dict:
 
 def check_build(root: Path) -> str:
     import gradio as gr
-    from uikit import lora_folder
+    from uikit import checkpoint_folder, lora_folder
 
     from lib_loramerge.ui import StandaloneHost, build_tab
     from lib_loramerge.ui.app import ENERGY_CHART, MAX_ROWS, NORM_CHART
-    from lib_loramerge.ui.handlers import LoraRow, MergeRequest, inspect, merge
+    from lib_loramerge.ui.handlers import BakeRequest, LoraRow, MergeRequest, bake, inspect, merge
 
-    host = StandaloneHost([lora_folder(root)], root / "ckpt")
+    host = StandaloneHost([lora_folder(root)], checkpoint_folder(root))
     tab = build_tab(host)
     # as A1111 and Forge render an extension tab
     with gr.Blocks(analytics_enabled=False) as demo, gr.Tabs(), gr.TabItem("LoRA Merge", id="lora_merger",
@@ -49,18 +49,25 @@ def check_build(root: Path) -> str:
     config = demo.get_config_file()
     assert config["components"], "no components"
     found = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
-    for i in range(MAX_ROWS):
-        for part in ("lora", "unet", "te", "weights", "refresh", "row"):
-            assert f"lora_merger_merge_{part}_{i}" in found, f"missing lora_merger_merge_{part}_{i}"
+    for panel in ("merge", "bake"):
+        for i in range(MAX_ROWS):
+            for part in ("lora", "unet", "te", "weights", "refresh", "row"):
+                assert f"lora_merger_{panel}_{part}_{i}" in found, f"missing lora_merger_{panel}_{part}_{i}"
+    for elem in ("lora_merger_bake_checkpoint", "lora_merger_bake_button", "lora_merger_inspect_lora"):
+        assert elem in found, f"missing {elem}"
     for elem, block in found.items():
         if isinstance(block, gr.Dropdown) and block.value is not None:  # gradio 4 warns otherwise
             assert block.value in choice_values(block), f"{elem}: {block.value!r} not among its choices"
     assert choice_values(found["lora_merger_merge_lora_0"]) == ["character_b.safetensors", "detail_c.safetensors",
+                                                                "narrow_a.safetensors", "narrow_b.safetensors",
                                                                 "style_a.safetensors"]
+    assert choice_values(found["lora_merger_bake_checkpoint"]) == ["base_sd1.safetensors"]
     # a merge and an inspection through the handlers, their charts through this gradio's BarPlot
     rows = [LoraRow("style_a.safetensors", 0.8, 0.5, "MIDD"), LoraRow("detail_c.safetensors", 1.0, 1.0)]
     merged = merge(host, MergeRequest(rows, "g", mode="svd", rank=2))
     assert merged.ok and merged.path.is_file(), merged.message
+    baked = bake(host, BakeRequest("base_sd1.safetensors", [LoraRow("narrow_a.safetensors")], "b"))
+    assert baked.ok and baked.path.is_file(), baked.message
     inspected = inspect(host, "g.safetensors")
     assert inspected.ok, inspected.message
     for chart, elem, rows in ((ENERGY_CHART, "lora_merger_merge_chart", merged.chart),

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from uikit import lora_folder, need
+from uikit import checkpoint_folder, lora_folder, need
 
 from lib_loramerge.formats.safetensors_io import read_header
 from lib_loramerge.jobs import RECIPE_KEY
@@ -62,16 +62,16 @@ def standalone(tmp_path_factory):
     need(CHROMIUM.is_file(), f"{CHROMIUM} not found (Debian's chromium: apt-get install chromium)")
     root = tmp_path_factory.mktemp("standalone")
     loras = lora_folder(root)
-    (root / "ckpt").mkdir()
+    checkpoints = checkpoint_folder(root)  # + narrow LoRAs that fit it, in the same LoRA folder
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     server = subprocess.Popen([sys.executable, "-m", "lib_loramerge", "ui", "--lora-dir", str(loras),
-                               "--ckpt-dir", str(root / "ckpt"), "--port", str(port), "--device", "cpu"],
+                               "--ckpt-dir", str(checkpoints), "--port", str(port), "--device", "cpu"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
                               start_new_session=True)
     try:
         wait_until_serving(f"http://127.0.0.1:{port}/", server)
-        yield f"http://127.0.0.1:{port}", loras
+        yield f"http://127.0.0.1:{port}", loras, checkpoints
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # our own process group only
         try:
@@ -85,7 +85,7 @@ def standalone(tmp_path_factory):
 def page(standalone):
     from playwright.sync_api import sync_playwright
 
-    url, _ = standalone
+    url = standalone[0]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:
@@ -119,11 +119,12 @@ def result_text(page, elem_id: str) -> str:
 
 def shoot(page, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
+    page.wait_for_timeout(800)  # let gradio's "pending" fade on the outputs finish
     page.screenshot(path=str(SHOTS / name), full_page=True)
 
 
 def test_merge_two_loras_in_the_browser_then_inspect_the_result(standalone, page):
-    _, loras = standalone
+    loras = standalone[1]
     pick(page, "lora_merger_merge_lora_0", "style_a.safetensors")
     pick(page, "lora_merger_merge_lora_1", "character_b.safetensors")
     type_number(page, "lora_merger_merge_unet_0", 0.8)
@@ -155,21 +156,39 @@ def test_merge_two_loras_in_the_browser_then_inspect_the_result(standalone, page
 
 
 def test_bad_name_and_prompt_rows_in_the_browser(standalone, page):
-    _, loras = standalone
+    loras = standalone[1]
     pick(page, "lora_merger_merge_lora_0", "detail_c.safetensors")
     page.locator("#lora_merger_merge_output textarea").fill("../outside")
     page.locator("#lora_merger_merge_button").click()
     assert result_text(page, "lora_merger_merge_result").startswith("error: output name '../outside' must be a bare")
     assert not (loras.parent / "outside.safetensors").exists()
 
-    page.get_by_text("Fill the rows from a prompt").click()
+    page.locator("#lora_merger_merge_prompt_box").get_by_text("Fill the rows from a prompt").click()
     page.locator("#lora_merger_merge_prompt textarea").fill("<lora:style_a:0.4:0.9> <lora:character_b:1:lbw=OUTALL>"
                                                            " <lora:detail_c:0.3>")
     page.locator("#lora_merger_merge_fill").click()
-    page.get_by_text("Filled 3 rows from the prompt.").wait_for()
+    page.locator("#lora_merger_merge_fill_message").get_by_text("Filled 3 rows from the prompt.").first.wait_for()
     assert page.locator("#lora_merger_merge_row_2").is_visible()
     assert page.locator("#lora_merger_merge_lora_2 input").input_value() == "detail_c.safetensors"
     assert page.locator("#lora_merger_merge_weights_1 input").input_value() == "OUTALL"
     assert page.locator("#lora_merger_merge_unet_0 input").input_value() == "0.9"
     assert page.locator("#lora_merger_merge_te_0 input").input_value() == "0.4"
     shoot(page, "from_prompt.png")
+
+
+def test_bake_in_the_browser(standalone, page):
+    checkpoints = standalone[2]
+    page.locator("#lora_merger_panels .tab-nav button", has_text="Bake").click()
+    pick(page, "lora_merger_bake_checkpoint", "base_sd1.safetensors")
+    pick(page, "lora_merger_bake_lora_0", "narrow_a.safetensors")
+    pick(page, "lora_merger_bake_lora_1", "narrow_b.safetensors")
+    type_number(page, "lora_merger_bake_unet_1", 0.5)
+    page.locator("#lora_merger_bake_output textarea").fill("baked_in_browser")
+    page.locator("#lora_merger_bake_button").click()
+    message = result_text(page, "lora_merger_bake_result")
+    out = checkpoints / "baked_in_browser.safetensors"
+    assert message.startswith(f"wrote {out} (SD1 checkpoint base_sd1.safetensors + narrow_a, narrow_b)"), message
+    assert out.is_file()
+    shoot(page, "bake.png")
+    page.locator("#lora_merger_bake_checkpoint input").click()  # the new checkpoint is in the list
+    page.locator('#lora_merger_bake_checkpoint li[data-value="baked_in_browser.safetensors"]').wait_for()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from uikit import lora_folder
+from uikit import checkpoint_folder, lora_folder
 
 from lib_loramerge.blocks.presets import load_presets
 from lib_loramerge.blocks.weights import parse_block_weights
@@ -14,7 +14,7 @@ from lib_loramerge.formats.reader import read_lora
 from lib_loramerge.formats.safetensors_io import read_header
 from lib_loramerge.jobs import RECIPE_KEY
 from lib_loramerge.ui import handlers
-from lib_loramerge.ui.handlers import LoraRow, MergeRequest
+from lib_loramerge.ui.handlers import BakeRequest, LoraRow, MergeRequest
 from lib_loramerge.ui.host import StandaloneHost
 
 
@@ -175,3 +175,82 @@ def test_file_labels_are_relative_paths_and_unique_across_folders(tmp_path):
     assert host.loras() == {"Lora/same.safetensors": second / "same.safetensors",
                             "other.safetensors": second / "other.safetensors",
                             "same.safetensors": first / "same.safetensors"}
+
+
+# -- bake ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def bake_host(tmp_path):
+    checkpoints = checkpoint_folder(tmp_path)
+    return StandaloneHost([tmp_path / "Lora"], checkpoints)
+
+
+def test_bake_writes_checkpoint_plus_the_rows_delta(bake_host):
+    from safetensors.torch import load_file
+
+    from lib_loramerge.bake.keymap import CheckpointLayout
+
+    # (narrow LoRAs have no recognisable SD version, so no block weights here: the merge tests cover those)
+    rows = [LoraRow("narrow_a.safetensors", unet=0.7, te=0.4), LoraRow("narrow_b.safetensors", unet=-1.0, te=1.0)]
+    request = BakeRequest("base_sd1.safetensors", rows, "baked", dtype="fp32")
+    outcome = handlers.bake(bake_host, request)
+    out = bake_host.checkpoint_dir() / "baked.safetensors"
+    assert outcome.ok, outcome.message
+    assert outcome.path == out and out.is_file() and outcome.message.startswith(f"wrote {out} (SD1 checkpoint")
+    assert "baked.safetensors" in bake_host.checkpoints()
+    base = load_file(str(bake_host.checkpoint_dir() / "base_sd1.safetensors"))
+    baked = load_file(str(out))
+    layout = CheckpointLayout({k: tuple(v.shape) for k, v in base.items()})
+    a, b = (read_lora(bake_host.lora_dirs()[0] / f) for f in ("narrow_a.safetensors", "narrow_b.safetensors"))
+    changed = 0
+    for name in a.modules:
+        target = layout.target(name)
+        strength_a, strength_b = (0.4, 1.0) if name.startswith("lora_te") else (0.7, -1.0)
+        delta = strength_a * a.modules[name].delta().float() + strength_b * b.modules[name].delta().float()
+        got = baked[target.key].float() - base[target.key].float()
+        if target.rows is not None:
+            got = got[target.rows[0]:target.rows[1]]
+        torch.testing.assert_close(got.reshape(delta.shape), delta, rtol=1e-3, atol=1e-5)
+        changed += 1
+    assert changed == len(a.modules) == 8
+    recipe = json.loads(read_header(out).metadata[RECIPE_KEY])
+    assert recipe["type"] == "bake" and [i["unet"] for i in recipe["inputs"]] == [0.7, -1.0]
+
+
+def test_bake_refusals_are_messages(bake_host, tmp_path):
+    lora_folder(tmp_path, ("style_a",))  # full-width SD1: its layers are not the narrow checkpoint's
+    rows = [LoraRow("narrow_a.safetensors")]
+    for request, expected in [
+        (BakeRequest(None, rows, "x"), "choose a checkpoint"),
+        (BakeRequest("nope.safetensors", rows, "x"), "checkpoint 'nope.safetensors' is not in the list"),
+        (BakeRequest("base_sd1.safetensors", rows, "../x"), "must be a bare file name"),
+        (BakeRequest("base_sd1.safetensors", rows, "base_sd1", overwrite=True), "would replace the checkpoint"),
+        (BakeRequest("base_sd1.safetensors", rows, "base_sd1"), "would replace the checkpoint"),
+        (BakeRequest("base_sd1.safetensors", [LoraRow("style_a.safetensors")], "x"), "no matching layer"),
+        (BakeRequest("base_sd1.safetensors", rows, "x", dtype="fp8"), "unknown dtype"),
+    ]:
+        outcome = handlers.bake(bake_host, request)
+        assert not outcome.ok and expected in outcome.message and "\n" not in outcome.message, outcome.message
+    assert sorted(p.name for p in bake_host.checkpoint_dir().iterdir()) == ["base_sd1.safetensors"]
+    no_folder = StandaloneHost([tmp_path / "Lora"])
+    outcome = handlers.bake(no_folder, BakeRequest("base_sd1.safetensors", rows, "x"))
+    assert not outcome.ok and "needs a checkpoint folder" in outcome.message
+
+
+def test_bake_keep_dtype_and_stop(bake_host):
+    from safetensors import safe_open
+
+    rows = [LoraRow("narrow_a.safetensors")]
+    kept = handlers.bake(bake_host, BakeRequest("base_sd1.safetensors", rows, "kept", dtype="keep"))
+    assert kept.ok, kept.message
+    with safe_open(str(kept.path), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16", "I64"}  # noqa: SIM118 (not a dict)
+
+    def stop_at_five(done, total, what):
+        if done == 5:
+            bake_host.interrupt()
+
+    stopped = handlers.bake(bake_host, BakeRequest("base_sd1.safetensors", rows, "stopped"), stop_at_five)
+    assert not stopped.ok and stopped.message == "error: interrupted; nothing was written"
+    assert not (bake_host.checkpoint_dir() / "stopped.safetensors").exists()
+    assert list(bake_host.checkpoint_dir().glob("*.tmp*")) == []

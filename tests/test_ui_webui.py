@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 from fakewebui import FakeWebUI
-from uikit import write_small_lora
+from uikit import checkpoint_folder, write_small_lora
 
 from lib_loramerge import webui
 from lib_loramerge.ui import handlers
 from lib_loramerge.ui.app import MAX_ROWS
-from lib_loramerge.ui.handlers import LoraRow, MergeRequest
+from lib_loramerge.ui.handlers import BakeRequest, LoraRow, MergeRequest
 
 gr = pytest.importorskip("gradio")
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,3 +220,28 @@ def test_the_job_lock_is_the_webuis_queue_lock(fake):
     fake.queue_lock.release()
     worker.join(30)
     assert result["outcome"].ok and (fake.lora_dir / "waited.safetensors").is_file()
+
+
+def test_bake_in_the_webui_reads_its_checkpoint_list_and_refreshes_it(tmp_path):
+    w = FakeWebUI(tmp_path / "webui")
+    checkpoint_folder(tmp_path / "made")
+    (tmp_path / "made" / "Stable-diffusion" / "base_sd1.safetensors").rename(w.model_path / "base_sd1.safetensors")
+    for lora in (tmp_path / "made" / "Lora").iterdir():
+        lora.rename(w.lora_dir / lora.name)
+    w.install()
+    try:
+        sd = w.modules["modules.sd_models"]
+        sd.list_models()
+        host = webui.WebUIHost()
+        label = sd.checkpoint_tiles()[0]
+        w.modules["modules.shared"].opts.sd_model_checkpoint = label
+        assert host.current_checkpoint() == label and label.startswith("base_sd1.safetensors [")
+        before = len(w.names("list_models"))
+        outcome = handlers.bake(host, BakeRequest(label, [LoraRow("narrow_a.safetensors", 0.5, 0.5)], "with_a"))
+        assert outcome.ok, outcome.message
+        assert outcome.path == w.model_path / "with_a.safetensors" and outcome.path.is_file()
+        assert len(w.names("list_models")) == before + 1  # the WebUI's checkpoint list now has it
+        assert any(t.startswith("with_a.safetensors [") for t in sd.checkpoint_tiles())
+        assert [c[0] for c in w.calls].count("state.begin") == 1 and not w.queue_lock.locked()
+    finally:
+        w.uninstall()

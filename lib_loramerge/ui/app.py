@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import gradio as gr
 
 from . import handlers
-from .handlers import NO_BLOCK_WEIGHTS, ChartRows, LoraRow, MergeRequest
+from .handlers import NO_BLOCK_WEIGHTS, BakeRequest, ChartRows, LoraRow, MergeRequest
 from .host import Host
 
 MAX_ROWS = 8  # LoRA rows per panel
@@ -21,18 +21,19 @@ START_ROWS = 2  # rows shown at first; "Add LoRA" shows more
 ELEM = "lora_merger"
 MODES = ["svd", "concat", "add"]
 DTYPES = ["fp16", "bf16", "fp32"]
+BAKE_DTYPES = [*DTYPES, "keep"]
 MODE_HELP = ("svd: best rank-k approximation of the exact sum · concat: exact, rank = sum of ranks · "
              "add: the classic factor sum (approximate, equal ranks only)")
 
 
-def _progress_bridge(progress: gr.Progress, verb: str) -> Callable[[int, int, str], None]:
-    """The library's (done, total, module) → gradio's bar, about a hundred updates per job at most."""
+def _progress_bridge(progress: gr.Progress, verb: str, unit: str) -> Callable[[int, int, str], None]:
+    """The library's (done, total, item) → gradio's bar, about a hundred updates per job at most."""
     shown = [-1]
 
     def report(done: int, total: int, what: str) -> None:
         if done == total or done - shown[0] >= max(1, total // 100):
             shown[0] = done
-            progress((done, total), desc=f"{verb}: {what}", unit="modules")
+            progress((done, total), desc=f"{verb}: {what}", unit=unit)
 
     return report
 
@@ -176,6 +177,9 @@ def build_tab(host: Host) -> gr.Blocks:
             with gr.Tab("Merge", id="merge", elem_id=f"{ELEM}_merge_panel"):
                 m = _merge_panel(host, lora_choices, preset_choices, device_choices)
                 all_lora_dropdowns += m.rows.loras
+            with gr.Tab("Bake", id="bake", elem_id=f"{ELEM}_bake_panel") as bake_tab:
+                b = _bake_panel(host, lora_choices, preset_choices, device_choices)
+                all_lora_dropdowns += b.rows.loras
             with gr.Tab("Inspect", id="inspect", elem_id=f"{ELEM}_inspect_panel"):
                 inspect_lora = _inspect_panel(host, lora_choices)
                 all_lora_dropdowns.append(inspect_lora)
@@ -184,7 +188,7 @@ def build_tab(host: Host) -> gr.Blocks:
             *row_values, mode, rank, threshold, dtype, device, output, overwrite = values
             request = MergeRequest(rows=LoraRows.parse(row_values), output=output, mode=mode, rank=rank,
                                    threshold=threshold, dtype=dtype, device=device, overwrite=bool(overwrite))
-            outcome = handlers.merge(host, request, _progress_bridge(progress, "merging"))
+            outcome = handlers.merge(host, request, _progress_bridge(progress, "merging", "modules"))
             choices = list(host.loras())  # the new file appears in every LoRA dropdown
             return [outcome.message, ENERGY_CHART.update(outcome.chart),
                     *[gr.update(choices=choices) for _ in all_lora_dropdowns]]
@@ -192,6 +196,25 @@ def build_tab(host: Host) -> gr.Blocks:
         m.merge.click(run_merge, inputs=[*m.rows.inputs, *m.settings],
                       outputs=[m.result, m.chart, *all_lora_dropdowns])
         m.stop.click(host.interrupt, inputs=[], outputs=[], queue=False)
+
+        def run_bake(progress=gr.Progress(), *values):  # noqa: B008 (gradio finds its bar by this default)
+            checkpoint, *row_values, dtype, device, output, overwrite, allow_unmatched = values
+            request = BakeRequest(checkpoint=checkpoint, rows=LoraRows.parse(row_values), output=output, dtype=dtype,
+                                  device=device, overwrite=bool(overwrite), allow_unmatched=bool(allow_unmatched))
+            outcome = handlers.bake(host, request, _progress_bridge(progress, "baking", "tensors"))
+            return outcome.message, gr.update(choices=list(host.checkpoints()))  # the new checkpoint is listed
+
+        b.bake.click(run_bake, inputs=[b.checkpoint, *b.rows.inputs, *b.settings], outputs=[b.result, b.checkpoint])
+        b.stop.click(host.interrupt, inputs=[], outputs=[], queue=False)
+
+        def default_checkpoint(chosen: str | None):
+            # the model loaded now, unless the user already chose one (the WebUI may load one after start-up)
+            choices = list(host.checkpoints())
+            current = host.current_checkpoint()
+            value = chosen if chosen in choices else current if current in choices else None
+            return gr.update(choices=choices, value=value)
+
+        bake_tab.select(default_checkpoint, inputs=[b.checkpoint], outputs=[b.checkpoint], queue=False)
     return tab
 
 
@@ -216,12 +239,7 @@ def _merge_panel(host: Host, lora_choices: list[str], preset_choices: list[str],
     gr.Markdown(f"Merge LoRAs into one file in **{host.lora_output_dir()}**. A strength means what "
                 "`<lora:name:te:unet>` means in the WebUI; block weights mean what LBW's `lbw=` means.")
     rows = _lora_rows(host, p, lora_choices, preset_choices)
-    with gr.Accordion("Fill the rows from a prompt", open=False):
-        with gr.Row():
-            prompt = gr.Textbox(label="Prompt with <lora:NAME:TE:UNET:lbw=…> tags", lines=2, scale=4,
-                                elem_id=f"{p}_prompt")
-            fill = gr.Button("Fill rows", scale=1, elem_id=f"{p}_fill")
-        fill_message = gr.Markdown(elem_id=f"{p}_fill_message")
+    _prompt_filler(host, rows, p)
     with gr.Row():
         mode = gr.Radio(MODES, value="svd", label="Mode", info=MODE_HELP, elem_id=f"{p}_mode", scale=3)
         rank = gr.Number(value=0, precision=0, minimum=0, label="Rank (svd; 0: the largest input rank)",
@@ -240,6 +258,17 @@ def _merge_panel(host: Host, lora_choices: list[str], preset_choices: list[str],
     result = gr.Textbox(label="Result", lines=10, max_lines=30, interactive=False, elem_id=f"{p}_result")
     chart = ENERGY_CHART.component(f"{p}_chart")
 
+    return MergePanel(rows, [mode, rank, threshold, dtype, device, output, overwrite], merge, stop, result, chart)
+
+
+def _prompt_filler(host: Host, rows: LoraRows, p: str) -> None:
+    with gr.Accordion("Fill the rows from a prompt", open=False, elem_id=f"{p}_prompt_box"):
+        with gr.Row():
+            prompt = gr.Textbox(label="Prompt with <lora:NAME:TE:UNET:lbw=…> tags", lines=2, scale=4,
+                                elem_id=f"{p}_prompt")
+            fill = gr.Button("Fill rows", scale=1, elem_id=f"{p}_fill")
+        message = gr.Markdown(elem_id=f"{p}_fill_message")
+
     def from_prompt(text: str, shown: int):
         try:
             filled = handlers.rows_from_prompt(host, text, MAX_ROWS)
@@ -247,9 +276,50 @@ def _merge_panel(host: Host, lora_choices: list[str], preset_choices: list[str],
             return [handlers.describe_error(e), *[gr.update() for _ in range(5 * MAX_ROWS)], shown]
         return [f"Filled {len(filled)} row{'s' if len(filled) != 1 else ''} from the prompt.", *rows.fill(filled)]
 
-    fill.click(from_prompt, inputs=[prompt, rows.shown],
-               outputs=[fill_message, *rows.inputs, *rows.rows, rows.shown])
-    return MergePanel(rows, [mode, rank, threshold, dtype, device, output, overwrite], merge, stop, result, chart)
+    fill.click(from_prompt, inputs=[prompt, rows.shown], outputs=[message, *rows.inputs, *rows.rows, rows.shown])
+
+
+@dataclass
+class BakePanel:
+    checkpoint: gr.Dropdown
+    rows: LoraRows
+    settings: list
+    bake: gr.Button
+    stop: gr.Button
+    result: gr.Textbox
+
+
+def _bake_panel(host: Host, lora_choices: list[str], preset_choices: list[str], device_choices: list[str]) -> BakePanel:
+    p = f"{ELEM}_bake"
+    folder = host.checkpoint_dir()
+    checkpoints = list(host.checkpoints())
+    current = host.current_checkpoint()
+    if folder is None:
+        gr.Markdown("Baking needs a checkpoint folder: start the standalone UI with `--ckpt-dir DIR`.")
+    else:
+        gr.Markdown(f"Bake LoRAs into a checkpoint: W' = W + Σ strength · ΔW, saved in **{folder}**. "
+                    "Strengths and block weights mean what they mean in a prompt.")
+    with gr.Row(equal_height=True):
+        checkpoint = gr.Dropdown(choices=checkpoints, value=current if current in checkpoints else None,
+                                 label="Checkpoint", elem_id=f"{p}_checkpoint", scale=4)
+        _refresh_button(host, [checkpoint], lambda: list(host.checkpoints()), f"{p}_checkpoint_refresh")
+    rows = _lora_rows(host, p, lora_choices, preset_choices)
+    _prompt_filler(host, rows, p)
+    with gr.Row():
+        dtype = gr.Dropdown(BAKE_DTYPES, value="fp16", label="Save as (keep: each tensor as it is)",
+                            elem_id=f"{p}_dtype", scale=1)
+        device = gr.Dropdown(device_choices, value=device_choices[0], label="Device", elem_id=f"{p}_device", scale=1)
+        output = gr.Textbox(label="Output file name (saved in the checkpoint folder)", placeholder="baked.safetensors",
+                            elem_id=f"{p}_output", scale=3)
+        with gr.Column(scale=1, min_width=160):
+            overwrite = gr.Checkbox(value=False, label="Overwrite", elem_id=f"{p}_overwrite")
+            allow_unmatched = gr.Checkbox(value=False, label="Bake even if some modules match no layer",
+                                          elem_id=f"{p}_allow_unmatched")
+    with gr.Row():
+        bake = gr.Button("Bake", variant="primary", elem_id=f"{p}_button", scale=4, interactive=folder is not None)
+        stop = gr.Button("Stop", elem_id=f"{p}_stop", scale=1)
+    result = gr.Textbox(label="Result", lines=10, max_lines=30, interactive=False, elem_id=f"{p}_result")
+    return BakePanel(checkpoint, rows, [dtype, device, output, overwrite, allow_unmatched], bake, stop, result)
 
 
 def _inspect_panel(host: Host, lora_choices: list[str]) -> gr.Dropdown:

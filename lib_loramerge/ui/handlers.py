@@ -62,6 +62,17 @@ class MergeRequest:
 
 
 @dataclass
+class BakeRequest:
+    checkpoint: str | None  # the label the checkpoint dropdown shows
+    rows: list[LoraRow]
+    output: str
+    dtype: str = "fp16"  # or "keep": every tensor in its own dtype
+    device: str = "cpu"
+    overwrite: bool = False
+    allow_unmatched: bool = False
+
+
+@dataclass
 class Outcome:
     ok: bool
     message: str
@@ -156,6 +167,45 @@ def merge(host: Host, request: MergeRequest, ui_progress: UiProgress | None = No
             if pooled is not None:
                 chart = [(b, v) for b, v in pooled.retained.items() if v is not None]
         return Outcome(True, format_merge_report(done.report, done.path, done.arch), path=done.path, chart=chart)
+    except Exception as e:  # noqa: BLE001 (every failure becomes a message)
+        return Outcome(False, describe_error(e))
+
+
+def bake(host: Host, request: BakeRequest, ui_progress: UiProgress | None = None) -> Outcome:
+    """Bake the used rows into the chosen checkpoint; the result goes to the host's checkpoint folder."""
+    try:
+        from ..cli import format_bake_report
+        from ..formats.writer import parse_dtype
+        from ..jobs import bake_to_file
+        from ..ops.merge import check_device
+
+        folder = host.checkpoint_dir()
+        if folder is None:
+            raise LoraMergeError("baking needs a checkpoint folder (start the ui with --ckpt-dir)")
+        if not request.checkpoint:
+            raise LoraMergeError("choose a checkpoint to bake into")
+        checkpoint = host.checkpoints().get(request.checkpoint)
+        if checkpoint is None:
+            raise LoraMergeError(f"checkpoint '{request.checkpoint}' is not in the list any more (refresh the list)")
+        out = output_path(request.output, folder)
+        if out.resolve() == checkpoint.resolve():
+            raise LoraMergeError("the output would replace the checkpoint being read; choose another name", out)
+        check_output(out, request.overwrite)
+        dtype = None if request.dtype == "keep" else parse_dtype(request.dtype)
+        device = request.device or host.device()
+        check_device(device)
+        specs = specs_from_rows(host, request.rows)
+        presets = host.presets() if any(s.lbw for s in specs) else None
+
+        def job():
+            inputs, notes = prepare_inputs(specs, presets)
+            return bake_to_file(checkpoint, inputs, out, dtype=dtype, device=device, overwrite=request.overwrite,
+                                allow_unmatched=request.allow_unmatched, progress=job_progress(host, ui_progress),
+                                notes=notes)
+
+        done = host.run_job(f"LoRA bake → {out.name}", job)
+        host.refresh_checkpoints()
+        return Outcome(True, format_bake_report(done.report, done.path), path=done.path)
     except Exception as e:  # noqa: BLE001 (every failure becomes a message)
         return Outcome(False, describe_error(e))
 
