@@ -189,22 +189,26 @@ def build_tab(host: Host) -> gr.Blocks:
             request = MergeRequest(rows=LoraRows.parse(row_values), output=output, mode=mode, rank=rank,
                                    threshold=threshold, dtype=dtype, device=device, overwrite=bool(overwrite))
             outcome = handlers.merge(host, request, _progress_bridge(progress, "merging", "modules"))
-            choices = list(host.loras())  # the new file appears in every LoRA dropdown
-            return [outcome.message, ENERGY_CHART.update(outcome.chart),
-                    *[gr.update(choices=choices) for _ in all_lora_dropdowns]]
+            return outcome.message, ENERGY_CHART.update(outcome.chart)
 
-        m.merge.click(run_merge, inputs=[*m.rows.inputs, *m.settings],
-                      outputs=[m.result, m.chart, *all_lora_dropdowns])
+        def list_new_loras():
+            choices = list(host.loras())  # a merged LoRA appears in every LoRA dropdown
+            return [gr.update(choices=choices) for _ in all_lora_dropdowns]
+
+        # the dropdowns are refreshed in a second step: as outputs of the merge they would carry its progress bar
+        m.merge.click(run_merge, inputs=[*m.rows.inputs, *m.settings], outputs=[m.result, m.chart]).then(
+            list_new_loras, inputs=[], outputs=all_lora_dropdowns, show_progress="hidden", queue=False)
         m.stop.click(host.interrupt, inputs=[], outputs=[], queue=False)
 
         def run_bake(progress=gr.Progress(), *values):  # noqa: B008 (gradio finds its bar by this default)
             checkpoint, *row_values, dtype, device, output, overwrite, allow_unmatched = values
             request = BakeRequest(checkpoint=checkpoint, rows=LoraRows.parse(row_values), output=output, dtype=dtype,
                                   device=device, overwrite=bool(overwrite), allow_unmatched=bool(allow_unmatched))
-            outcome = handlers.bake(host, request, _progress_bridge(progress, "baking", "tensors"))
-            return outcome.message, gr.update(choices=list(host.checkpoints()))  # the new checkpoint is listed
+            return handlers.bake(host, request, _progress_bridge(progress, "baking", "tensors")).message
 
-        b.bake.click(run_bake, inputs=[b.checkpoint, *b.rows.inputs, *b.settings], outputs=[b.result, b.checkpoint])
+        b.bake.click(run_bake, inputs=[b.checkpoint, *b.rows.inputs, *b.settings], outputs=[b.result]).then(
+            lambda: gr.update(choices=list(host.checkpoints())),  # the new checkpoint is listed
+            inputs=[], outputs=[b.checkpoint], show_progress="hidden", queue=False)
         b.stop.click(host.interrupt, inputs=[], outputs=[], queue=False)
 
         def default_checkpoint(chosen: str | None):
