@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from uikit import checkpoint_folder, lora_folder, need
+from uikit import checkpoint_folder, lora_folder, need, write_small_lora
 
 from lib_loramerge.formats.safetensors_io import read_header
 from lib_loramerge.jobs import RECIPE_KEY
@@ -192,3 +192,18 @@ def test_bake_in_the_browser(standalone, page):
     shoot(page, "bake.png")
     page.locator("#lora_merger_bake_checkpoint input").click()  # the new checkpoint is in the list
     page.locator('#lora_merger_bake_checkpoint li[data-value="baked_in_browser.safetensors"]').wait_for()
+
+
+def test_refresh_and_row_buttons_in_the_browser(standalone, page):
+    loras = standalone[1]
+    assert not page.locator("#lora_merger_merge_row_2").is_visible()
+    page.locator("#lora_merger_merge_add").click()
+    page.locator("#lora_merger_merge_row_2").wait_for(state="visible")
+    write_small_lora(loras / "arrived_later.safetensors", 42)
+    page.locator("#lora_merger_merge_refresh_2").click()  # 🔄 re-reads the folder
+    pick(page, "lora_merger_merge_lora_2", "arrived_later.safetensors")
+    page.locator("#lora_merger_merge_remove").click()  # hides the row and clears its LoRA
+    page.locator("#lora_merger_merge_row_2").wait_for(state="hidden")
+    page.locator("#lora_merger_merge_add").click()
+    page.locator("#lora_merger_merge_row_2").wait_for(state="visible")
+    assert page.locator("#lora_merger_merge_lora_2 input").input_value() == ""

@@ -114,11 +114,9 @@ class LoraRows:
         return values + [gr.update(visible=i < shown) for i in range(MAX_ROWS)] + [shown]
 
 
-def _refresh_button(host: Host, dropdowns: list[gr.Dropdown], choices: Callable[[], list[str]], elem_id: str):
-    def refresh() -> None:
-        host.refresh_loras()
-        host.refresh_checkpoints()
-
+def _refresh_button(host: Host, dropdowns: list[gr.Dropdown], refresh: Callable[[], None],
+                    choices: Callable[[], list[str]], elem_id: str):
+    """🔄: ``refresh()`` (the host re-reads its folders), then ``choices()`` into ``dropdowns``."""
     made = host.refresh_button(dropdowns, refresh, lambda: {"choices": choices()}, elem_id)
     if made is not None:
         return made
@@ -140,7 +138,8 @@ def _lora_rows(host: Host, prefix: str, lora_choices: list[str], preset_choices:
             rows.rows.append(row)
             rows.loras.append(gr.Dropdown(choices=lora_choices, value=None, label=f"LoRA {i + 1}", scale=4,
                                           elem_id=f"{prefix}_lora_{i}"))
-            _refresh_button(host, [rows.loras[i]], lambda: list(host.loras()), f"{prefix}_refresh_{i}")
+            _refresh_button(host, [rows.loras[i]], host.refresh_loras, lambda: list(host.loras()),
+                            f"{prefix}_refresh_{i}")
             rows.unets.append(gr.Number(value=1.0, label="UNet strength", scale=1, min_width=90,
                                         elem_id=f"{prefix}_unet_{i}"))
             rows.tes.append(gr.Number(value=1.0, label="TE strength", scale=1, min_width=90,
@@ -306,7 +305,8 @@ def _bake_panel(host: Host, lora_choices: list[str], preset_choices: list[str], 
     with gr.Row(equal_height=True):
         checkpoint = gr.Dropdown(choices=checkpoints, value=current if current in checkpoints else None,
                                  label="Checkpoint", elem_id=f"{p}_checkpoint", scale=4)
-        _refresh_button(host, [checkpoint], lambda: list(host.checkpoints()), f"{p}_checkpoint_refresh")
+        _refresh_button(host, [checkpoint], host.refresh_checkpoints, lambda: list(host.checkpoints()),
+                        f"{p}_checkpoint_refresh")
     rows = _lora_rows(host, p, lora_choices, preset_choices)
     _prompt_filler(host, rows, p)
     with gr.Row():
@@ -330,7 +330,7 @@ def _inspect_panel(host: Host, lora_choices: list[str]) -> gr.Dropdown:
     p = f"{ELEM}_inspect"
     with gr.Row(equal_height=True):
         lora = gr.Dropdown(choices=lora_choices, value=None, label="LoRA", elem_id=f"{p}_lora", scale=4)
-        _refresh_button(host, [lora], lambda: list(host.loras()), f"{p}_refresh")
+        _refresh_button(host, [lora], host.refresh_loras, lambda: list(host.loras()), f"{p}_refresh")
         button = gr.Button("Inspect", variant="primary", elem_id=f"{p}_button", scale=1)
     summary = gr.Markdown(elem_id=f"{p}_summary")
     chart = NORM_CHART.component(f"{p}_chart")
