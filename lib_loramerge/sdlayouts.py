@@ -9,6 +9,7 @@ and kinds stay) for small synthetic checkpoints.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -270,6 +271,21 @@ def lora_modules(arch: str, scope: str = SCOPE_LOCON, text_encoder: bool = True,
         if _unet_scope(path) in wanted:
             out[kohya_unet_name(arch, path, diffusers_names)] = shape
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def _layer_shape_table() -> dict[str, dict[str, Shape]]:
+    table: dict[str, dict[str, Shape]] = {}
+    for arch in ARCHES:
+        for diffusers_names in (False, True):
+            for name, shape in lora_modules(arch, SCOPE_ALL, diffusers_names=diffusers_names).items():
+                table.setdefault(name, {})[arch] = shape
+    return table
+
+
+def layer_shapes(name: str) -> dict[str, Shape]:
+    """arch → weight shape of the layer a kohya module name (diffusers or LDM/SGM paths) targets there."""
+    return dict(_layer_shape_table().get(name, {}))
 
 
 def is_integer_tensor(key: str) -> bool:

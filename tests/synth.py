@@ -93,3 +93,10 @@ def attnproc_state_dict(modules: list[LoraModule]) -> dict[str, torch.Tensor]:
         sd[f"{attn}.processor.{proj}_lora.down.weight"] = m.down.contiguous()
         sd[f"{attn}.processor.{proj}_lora.up.weight"] = m.up.contiguous()
     return sd
+
+
+def write_tensors(path: Path, modules: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> Path:
+    """A kohya-named file from ``{module: {key suffix: tensor}}`` (LyCORIS LoHa/LoKr/DoRA fixtures)."""
+    sd = {f"{name}.{suffix}": t.contiguous() for name, parts in modules.items() for suffix, t in parts.items()}
+    save_file(sd, str(path), metadata=metadata)
+    return path
