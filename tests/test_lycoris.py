@@ -80,7 +80,11 @@ def a1111_delta(parts: dict, layer_shape) -> torch.Tensor:
     else:  # network_lora.py
         up, down = w["lora_up.weight"], w["lora_down.weight"]
         dim = down.shape[0]
-        updown = up.reshape(up.shape[0], -1) @ down.reshape(dim, -1)
+        if "lora_mid.weight" in w:  # lyco_helpers.rebuild_cp_decomposition (Tucker LoCon)
+            updown = torch.einsum("n m k l, i n, m j -> i j k l", w["lora_mid.weight"], up.reshape(up.size(0), -1),
+                                  down.reshape(dim, -1))
+        else:
+            updown = up.reshape(up.shape[0], -1) @ down.reshape(dim, -1)
     scale = alpha / dim if alpha is not None and dim is not None else 1.0
     return updown.reshape(layer_shape) * scale
 
@@ -131,7 +135,11 @@ def lora_parts(seed=3) -> dict:
     mods = make_modules("sd1", scope="locon", rank=4, alpha=2.0, seed=seed,
                         only="|".join(f"^{n}$" for n in (FC1, TO_K, PROJ_IN, CONV1, SHORTCUT)))
     sd = kohya_state_dict(mods)
-    return {m.name: {k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith(m.name + ".")} for m in mods}
+    parts = {m.name: {k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith(m.name + ".")} for m in mods}
+    r = _rand(seed)
+    parts[CONV2] = {"lora_up.weight": r(320, 3, 1, 1), "lora_mid.weight": r(3, 3, 3, 3),  # Tucker LoCon
+                    "lora_down.weight": r(3, 320, 1, 1), "alpha": torch.tensor(1.5)}
+    return parts
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +226,10 @@ def test_info_reports_algorithms_and_effective_ranks(files, capsys):
     assert info["ranks"] == [2, 3, 4, 320]  # what the file declares (A1111's dim; full/full: the factor rank)
     assert info["effective_ranks"] == {"min": 6, "max": 320,
                                        "counts": {"6": 1, "16": 2, "32": 1, "64": 2, "320": 1}}
+    assert main(["info", str(paths["lora"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["algorithm"] == "LoCon (Tucker)"  # linear and 1×1 LoRA, a 3×3 LoCon and a Tucker LoCon module
+    assert info["algorithms"] == {"LoRA": 4, "LoCon": 1, "LoCon (Tucker)": 1}
     assert main(["info", str(paths["loha"])]) == 0
     text = capsys.readouterr().out
     assert "format:      kohya (LoHa)" in text and "effective:   4 ×2, 6 ×1, 9 ×2, 12 ×1" in text
@@ -268,7 +280,7 @@ def test_concat_of_lokr_loha_and_lora_is_exact(files):
         err = float((dense(module) - want).norm() / want.norm())
         assert err < 2e-6, (name, err)
     ranks = {n: m.rank for n, m in out.items()}
-    assert ranks[CONV1] == 16 + 9 + 4 and ranks[DOWN] == 6 + 6 and ranks[CONV2] == 320 + 4
+    assert ranks[CONV1] == 16 + 9 + 4 and ranks[DOWN] == 6 + 6 and ranks[CONV2] == 320 + 4 + 3
     notes = " ".join(result.report.notes)
     assert "lokr: LoKr ×7; loha: LoHa ×6" in notes and "plain LoRA/LoCon" in notes
     # declared ranks ≤ 4 except DOWN (3: 12 is not above 4×3) and CONV2 (full LoKr sides: 320)
