@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -243,9 +243,3 @@ class LycorisModule:
             for key, t in tensors.items():
                 if not math.isfinite(float(t.sum(dtype=torch.float32))):
                     fail(f"{self.algo}_{key} holds NaN or Inf values")
-
-
-def tensor_fields(cls: type) -> tuple[str, ...]:
-    """The tensor field names of a LycorisModule subclass, in declaration order."""
-    base = {f.name for f in fields(LycorisModule)}
-    return tuple(f.name for f in fields(cls) if f.name not in base)
