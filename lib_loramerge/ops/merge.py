@@ -240,7 +240,8 @@ def default_rank(inputs: Sequence[MergeInput]) -> tuple[int, str]:
     if plain:
         return max(plain), "the largest LoRA/LoCon input rank" + (" (LyCORIS factor ranks not counted)"
                                                                       if len(plain) < len(modules) else "")
-    return max(m.rank for m in modules), "the largest LyCORIS factor rank (exact for one input)"
+    return max(m.rank for m in modules), ("the largest LyCORIS factor rank (exact for one input; --rank or "
+                                          "--threshold give a smaller file)")
 
 
 def parallel_map(fn: Callable[[str], _Outcome], items: Iterable[str], device: torch.device) -> Iterator[_Outcome]:
