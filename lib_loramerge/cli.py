@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("svd", "concat", "add"), default="svd",
                    help="svd: best rank-k approximation of the exact sum (default); concat: exact, rank = sum of "
                         "ranks; add: the seed's factor sum (approximate, equal ranks only)")
-    p.add_argument("--rank", type=int, help="svd: output rank cap (default: the largest input rank)")
+    p.add_argument("--rank", type=int, help="svd: output rank cap (default: the largest LoRA/LoCon input rank; with LoHa/LoKr "
+                        "inputs only, their largest exact factor rank)")
     p.add_argument("--threshold", type=float,
                    help="svd: per module, the smallest rank keeping this fraction of ‖ΔW‖² (0 < T ≤ 1), capped by --rank")
     p.add_argument("--clamp", type=float, metavar="Q", help="svd: clip factors to this quantile of |values| (off by default)")

@@ -11,7 +11,8 @@ import torch
 from .arch import PRETTY
 from .blocks.report import block_norms
 from .formats.reader import read_lora
-from .model import CONV, LoraModel
+from .lycoris import algorithm_label, network_dim
+from .model import LoraModel
 
 SHORT_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
@@ -27,13 +28,20 @@ def short_dtype(dtype: torch.dtype) -> str:
     return SHORT_DTYPE.get(dtype, str(dtype).replace("torch.", ""))
 
 
+# a file's algorithm is named by its most telling module type (a LoCon file has linear LoRA modules too)
+_PRECEDENCE = ("LoRA", "LoCon", "LoCon (Tucker)")
+
+
 def algorithm_of(model: LoraModel) -> str:
-    mods = model.modules.values()
-    if any(m.mid is not None for m in mods):
-        return "LoCon (Tucker)"
-    if any(m.kind == CONV for m in mods):
-        return "LoCon"
-    return "LoRA"
+    """LoRA, LoCon, LoCon (Tucker), LoHa, LoKr, DoRA, … (joined with " + " when a file mixes them)."""
+    labels = Counter(algorithm_label(m) for m in model.modules.values())
+    plain = [label for label in _PRECEDENCE if label in labels]
+    others = sorted((label for label in labels if label not in _PRECEDENCE), key=lambda x: -labels[x])
+    return " + ".join(([plain[-1]] if plain else []) + others) or "LoRA"
+
+
+def rank_summary(ranks: Counter) -> dict[str, Any]:
+    return {"min": min(ranks), "max": max(ranks), "counts": {str(r): n for r, n in sorted(ranks.items())}}
 
 
 def summarize(model: LoraModel, blocks: bool = True) -> dict[str, Any]:
@@ -43,7 +51,8 @@ def summarize(model: LoraModel, blocks: bool = True) -> dict[str, Any]:
     """
     mods = list(model.modules.values())
     dtypes = Counter(short_dtype(m.dtype) for m in mods)
-    ranks = Counter(m.rank for m in mods)
+    ranks = Counter(network_dim(m) for m in mods)  # the rank the file declares (LoHa/LoKr: A1111's dim)
+    effective = Counter(m.rank for m in mods)  # the rank of the exact factor form (LoHa/LoKr: r₁·r₂)
     alphas = Counter("none" if m.alpha is None else m.alpha for m in mods)
     te = sum(m.is_text_encoder for m in mods)
     meta = model.metadata
@@ -51,6 +60,7 @@ def summarize(model: LoraModel, blocks: bool = True) -> dict[str, Any]:
         "file": str(model.path) if model.path else None,
         "format": model.format,
         "algorithm": algorithm_of(model),
+        "algorithms": dict(Counter(algorithm_label(m) for m in mods)),
         "arch": model.arch,
         "arch_notes": list(model.arch_notes),
         "modules": len(mods),
@@ -59,6 +69,7 @@ def summarize(model: LoraModel, blocks: bool = True) -> dict[str, Any]:
         "text_encoder_modules": te,
         "ranks": sorted(ranks),
         "rank_counts": {str(r): n for r, n in sorted(ranks.items())},
+        "effective_ranks": rank_summary(effective) if effective else None,
         "alphas": sorted((a for a in alphas if a != "none"), key=float) + (["none"] if "none" in alphas else []),
         "dtype": dtypes.most_common(1)[0][0] if len(dtypes) == 1 else "mixed",
         "dtypes": dict(dtypes),
@@ -89,11 +100,14 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"file:        {s['file']}",
         f"format:      {s['format']} ({s['algorithm']})",
+        *([f"algorithms:  {_fmt_counts(s['algorithms'])}"] if len(s["algorithms"]) > 1 else []),
         f"arch:        {PRETTY.get(s['arch'], s['arch'])}",
         *[f"             note: {n}" for n in s["arch_notes"]],
         f"modules:     {s['modules']} ({s['unet_modules']} UNet, {s['text_encoder_modules']} text encoder); "
         f"{_fmt_counts(s['modules_by_kind'])}",
         f"ranks:       {_fmt_counts(s['rank_counts'])}",
+        *([f"effective:   {_fmt_counts(s['effective_ranks']['counts'])} (rank of the exact factor form)"]
+          if s["effective_ranks"] and s["effective_ranks"]["counts"] != s["rank_counts"] else []),
         f"alphas:      {', '.join(str(a) for a in s['alphas'])}",
         f"dtype:       {s['dtype']}" + (f" ({_fmt_counts(s['dtypes'])})" if s["dtype"] == "mixed" else ""),
     ]
@@ -115,6 +129,9 @@ def format_summary(s: dict[str, Any]) -> str:
             n = blocks["modules"][b]
             bar = "#" * round(30 * blocks["norms"][b] / peak)
             lines.append(f"  {b:<5} {blocks['norms'][b]:10.4f}  {n:4d} modules  {bar}" if n else f"  {b:<5} {'-':>10}")
+        if blocks.get("dora"):
+            lines.append(f"  {len(blocks['dora'])} DoRA modules count with the ΔW they start from; their real effect "
+                         "depends on the base weights")
         if blocks["no_block"]:
             lines.append(f"  not in any block (LBW keeps ratio 1): {len(blocks['no_block'])} modules, "
                          f"e.g. {blocks['no_block'][0]}")

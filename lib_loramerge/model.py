@@ -175,7 +175,7 @@ class LoraModule:
 class LoraModel:
     """A LoRA file read into memory, in kohya module names."""
 
-    modules: dict[str, LoraModule]
+    modules: dict[str, NetworkModule]  # LoraModule, or a LyCORIS type (lib_loramerge.lycoris)
     metadata: dict[str, str] = field(default_factory=dict)
     format: str = "kohya"
     path: Path | None = None

@@ -9,6 +9,7 @@ and kinds stay) for small synthetic checkpoints.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -340,6 +341,21 @@ def vae_tensors(width_divisor: int = 1, ch_mult: tuple[int, ...] = (1, 2, 4, 4))
     yield "quant_conv.bias", (8,)
     yield "post_quant_conv.weight", (4, 4, 1, 1)
     yield "post_quant_conv.bias", (4,)
+
+
+@functools.lru_cache(maxsize=1)
+def _layer_shape_table() -> dict[str, dict[str, Shape]]:
+    table: dict[str, dict[str, Shape]] = {}
+    for arch in ARCHES:
+        for diffusers_names in (False, True):
+            for name, shape in lora_modules(arch, SCOPE_ALL, diffusers_names=diffusers_names).items():
+                table.setdefault(name, {})[arch] = shape
+    return table
+
+
+def layer_shapes(name: str) -> dict[str, Shape]:
+    """arch → weight shape of the layer a kohya module name (diffusers or LDM/SGM paths) targets there."""
+    return dict(_layer_shape_table().get(name, {}))
 
 
 def is_integer_tensor(key: str) -> bool:

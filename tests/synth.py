@@ -100,3 +100,10 @@ def assert_same_delta(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5, 
     assert got.shape == want.shape, (label, got.shape, want.shape)
     diff = float((got.double() - want.double()).norm())
     assert diff <= rel * float(want.double().norm()) + 1e-12, (label, diff, float(want.norm()))
+
+
+def write_tensors(path: Path, modules: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> Path:
+    """A kohya-named file from ``{module: {key suffix: tensor}}`` (LyCORIS LoHa/LoKr/DoRA fixtures)."""
+    sd = {f"{name}.{suffix}": t.contiguous() for name, parts in modules.items() for suffix, t in parts.items()}
+    save_file(sd, str(path), metadata=metadata)
+    return path

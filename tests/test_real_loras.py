@@ -22,8 +22,13 @@ EXPECTED = {
     "cloneofsimo/analog_svd_rank4.safetensors": "cloneofsimo lora_diffusion keys",
     "cloneofsimo/lora_pop.pt": "bare pickled list of 256 tensors",
     "edge-cases/sd15_timohavdk_new_malformed_kohya_keys.safetensors": "malformed kohya keys",
-    "lycoris-lokr/smart_falcon_4_lokr.safetensors": "LyCORIS LoKr on 350 modules",
-    "lycoris-lokr/smart_falcon_8_lokr.safetensors": "LyCORIS LoKr on 350 modules",
+    "lycoris-lokr/smart_falcon_4_lokr.safetensors": ("kohya", "sd1", 350, 4, "fp16"),
+    "lycoris-lokr/smart_falcon_8_lokr.safetensors": ("kohya", "sd1", 350, 8, "fp16"),
+}
+# file → (algorithm, alphas, effective ranks) where not ("LoRA", ["none"], the declared rank)
+LYCORIS = {
+    "lycoris-lokr/smart_falcon_4_lokr.safetensors": ("LoKr", [4.0], {"16": 350}),  # kron of two rank-4 sides
+    "lycoris-lokr/smart_falcon_8_lokr.safetensors": ("LoKr", [8.0], {"64": 350}),
 }
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 
@@ -54,7 +59,9 @@ def test_info_on_real_files(rel, capsys):
     info = json.loads(out)
     fmt, arch, modules, rank, dtype = expected
     assert (info["format"], info["arch"], info["modules"], info["ranks"], info["dtype"]) == (fmt, arch, modules, [rank], dtype)
-    assert info["alphas"] == ["none"]
+    algorithm, alphas, effective = LYCORIS.get(rel, ("LoRA", ["none"], {str(rank): modules}))
+    assert (info["algorithm"], info["alphas"], info["effective_ranks"]["counts"]) == (algorithm, alphas, effective)
+    assert info["algorithms"] == {algorithm: modules} and info["arch_notes"] == []
 
 
 def kohya_names(manifest_keys, prefixes):

@@ -9,6 +9,7 @@ tensors that are not floating point are always copied as they are.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import threading
 import time
@@ -24,6 +25,7 @@ from ..errors import LoraMergeError
 from ..formats.safetensors_io import TensorSpec, write_safetensors
 from ..formats.tensorfile import TensorFile, open_tensor_file
 from ..model import NetworkModule
+from ..ops.dora import apply_dora
 from ..ops.merge import MergeInput, check_device, common_arch
 from ..runtime import torch_threads
 from .keymap import CheckpointLayout, Target, fit_problem
@@ -54,8 +56,13 @@ class BakeReport:
 @dataclass
 class _Patch:
     module: NetworkModule
-    strength: float
+    multiplier: float  # the prompt strength (TE or UNet)
+    ratio: float  # the block weight
     target: Target
+
+    @property
+    def strength(self) -> float:
+        return self.multiplier * self.ratio
 
 
 class _FileHasher(threading.Thread):
@@ -96,10 +103,12 @@ def plan_patches(layout: CheckpointLayout, inputs: Sequence[MergeInput], report:
                 continue
             target = layout.target(name)
             why = "no such layer in the checkpoint" if target is None else fit_problem(module.weight_shape, target)
+            if not why and module.algo == "dora" and math.prod(module.weight_shape) != math.prod(target.weight_shape):
+                why = f"a DoRA module on a padded layer ({target.key}) is not supported"
             if why:
                 report.unmatched.append((inp.lora.name, name, why))
                 continue
-            patches.setdefault(target.key, []).append(_Patch(module, strength, target))
+            patches.setdefault(target.key, []).append(_Patch(module, inp.multiplier(name), inp.ratio(name), target))
             block = block_of(name, layout.arch) or "-"
             report.by_block[block] = report.by_block.get(block, 0) + 1
             report.modules_baked += 1
@@ -119,15 +128,20 @@ def _fit(delta: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def patched_tensor(tf: TensorFile, key: str, patches: list[_Patch], device: torch.device) -> torch.Tensor:
-    """W + Σ strength·ΔW, accumulated in fp32 on ``device``."""
+    """W with every patch applied in input order, accumulated in fp32 on ``device``.
+
+    A LoRA/LoHa/LoKr patch adds strength·ΔW. A DoRA patch re-normalises the weight as it stands
+    after the earlier patches (A1111 applies networks one after another, in prompt order): the
+    block weight scales ΔW inside the decomposition, the prompt strength the result.
+    """
     weight = tf.get(key).to(device=device, dtype=torch.float32, copy=True)
     for p in patches:
-        delta = p.module.delta(torch.float32, device)
-        if p.target.rows is None:
-            weight.add_(_fit(delta, p.target.tensor_shape), alpha=p.strength)
+        region = weight if p.target.rows is None else weight[p.target.rows[0]:p.target.rows[1]]
+        if p.module.algo == "dora":
+            new = apply_dora(region.reshape(p.module.weight_shape), p.module, p.multiplier, inner_scale=p.ratio)
+            region.copy_(new.reshape(region.shape))
         else:
-            start, stop = p.target.rows
-            weight[start:stop].add_(_fit(delta, p.target.weight_shape), alpha=p.strength)
+            region.add_(_fit(p.module.delta(torch.float32, device), tuple(region.shape)), alpha=p.strength)
     return weight
 
 

@@ -26,13 +26,15 @@ class BlockReport:
     norms: dict[str, float]  # block ID → ‖ΔW‖_F over the block's modules (every ID of the layout)
     modules: dict[str, int]  # block ID → module count
     no_block: list[str] = field(default_factory=list)  # modules LBW leaves at ratio 1
+    dora: list[str] = field(default_factory=list)  # DoRA modules: counted by their inner ΔW (the real one needs W)
 
     @property
     def touched(self) -> list[str]:
         return [b for b in self.layout if self.modules.get(b)]
 
     def as_dict(self) -> dict:
-        return {"layout": self.layout, "norms": self.norms, "modules": self.modules, "no_block": self.no_block}
+        return {"layout": self.layout, "norms": self.norms, "modules": self.modules, "no_block": self.no_block,
+                "dora": self.dora}
 
 
 def block_norms(lora: LoraModel) -> BlockReport | None:
@@ -42,16 +44,19 @@ def block_norms(lora: LoraModel) -> BlockReport | None:
         return None
     squares = dict.fromkeys(IDS_26, 0.0)
     counts = dict.fromkeys(IDS_26, 0)
-    no_block = []
+    no_block, dora = [], []
     for name, module in lora.modules.items():
         block = block_of(name, lora.arch)
         if block is None:
             no_block.append(name)
             continue
+        if module.algo == "dora":  # its effect depends on the base weights: count the ΔW it starts from
+            dora.append(name)
+            module = module.inner
         squares[block] += delta_norm(module) ** 2
         counts[block] += 1
     return BlockReport(layout=list(layout), norms={b: math.sqrt(squares[b]) for b in layout},
-                       modules={b: counts[b] for b in layout}, no_block=no_block)
+                       modules={b: counts[b] for b in layout}, no_block=no_block, dora=dora)
 
 
 @dataclass

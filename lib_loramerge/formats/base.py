@@ -11,7 +11,7 @@ UP, DOWN, ALPHA, MID = "up", "down", "alpha", "mid"
 @dataclass(frozen=True)
 class KeyMatch:
     module: str  # kohya module name (text encoders provisionally ``lora_te_``/``lora_te2_``)
-    part: str  # UP, DOWN, ALPHA or MID
+    part: str  # UP, DOWN, ALPHA, MID, or a LyCORIS key suffix (``hada_w1_a``, ``lokr_w2``, ``dora_scale`` …)
     variant: str = ""  # the sub-format that matched, for the report
 
 

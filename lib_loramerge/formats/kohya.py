@@ -1,16 +1,19 @@
 """kohya LoRA / LoCon keys: ``<module>.lora_down.weight``, ``.lora_up.weight``, ``.alpha``.
 
-LyCORIS Tucker LoCon adds ``<module>.lora_mid.weight``.
+LyCORIS modules use the same key format: Tucker LoCon adds ``<module>.lora_mid.weight``; LoHa
+and LoKr use ``<module>.hada_w1_a`` … and ``<module>.lokr_w1`` …; DoRA adds ``<module>.dora_scale``.
 """
 
 from __future__ import annotations
 
 import re
 
+from ..lycoris import DORA_SCALE, PARTS
 from .base import ALPHA, DOWN, MID, UP, KeyMatch
 
-_KOHYA_KEY = re.compile(r"(?P<module>[^.]+)\.(?P<part>lora_up\.weight|lora_down\.weight|lora_mid\.weight|alpha)")
-_PARTS = {"lora_up.weight": UP, "lora_down.weight": DOWN, "lora_mid.weight": MID, "alpha": ALPHA}
+_PARTS = {"lora_up.weight": UP, "lora_down.weight": DOWN, "lora_mid.weight": MID, "alpha": ALPHA,
+          DORA_SCALE: DORA_SCALE, **{suffix: suffix for suffix in PARTS}}
+_KOHYA_KEY = re.compile(r"(?P<module>[^.]+)\.(?P<part>" + "|".join(re.escape(p) for p in _PARTS) + ")")
 
 
 class KohyaAdapter:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 
 import torch
 
-from .. import naming
+from .. import naming, sdlayouts
 from ..arch import SDXL, detect_arch
 from ..errors import LoraMergeError
-from ..model import LoraModel, LoraModule, validate_module
+from ..lycoris import DORA_SCALE, PARTS, DoraModule, algorithm_label, is_lycoris, make_module
+from ..model import LoraModel, LoraModule, NetworkModule, validate_module
 from .base import ALPHA, DOWN, MID, UP, FormatAdapter, KeyMatch
 from .diffusers import DiffusersAdapter
 from .kohya import KohyaAdapter
@@ -33,58 +35,133 @@ def read_lora(path: str | os.PathLike, *, lazy: bool = False) -> LoraModel:
             raise e.with_path(tf.path) from None
 
 
+_FACTORS = {UP, DOWN, MID, *PARTS}
+
+
 def _read(tf: TensorFile, lazy: bool) -> LoraModel:
     keys = tf.keys()
-    reason = unsupported_format_reason(keys)
+    matches, extras = _match_keys(keys)
+    reason = unsupported_format_reason(extras)
     if reason:
         raise LoraMergeError(reason, tf.path)
-    matches, extras = _match_keys(keys)
-    if not any(m.part in (UP, DOWN) for m in matches.values()):
+    if not any(m.part in _FACTORS for m in matches.values()):
         raise LoraMergeError(not_a_lora_reason(keys), tf.path)
     adapters = {a for a in (_adapter_of(m) for m in matches.values()) if a}
     if len(adapters) > 1:
         raise LoraMergeError(f"mixes key formats ({' and '.join(sorted(adapters))}) in one file", tf.path)
     groups = _group(matches, tf)
-    modules: dict[str, LoraModule] = {}
+    modules: dict[str, NetworkModule] = {}
     notes: list[str] = []
     alpha_only = []
     for name, parts in groups.items():
-        if UP not in parts and DOWN not in parts:
+        if not _FACTORS & parts.keys():
+            if DORA_SCALE in parts:
+                raise LoraMergeError("has dora_scale but no LoRA, LoHa or LoKr factors", tf.path, name)
             alpha_only.append(name)
             continue
-        for needed in (UP, DOWN):
-            if needed not in parts:
-                have = ", ".join(sorted(parts))
-                raise LoraMergeError(f"has {have} but no {needed} factor", tf.path, name)
-        def tensor(key: str) -> torch.Tensor:
-            return _meta(tf, key) if lazy else tf.get(key)
-
-        module = LoraModule(name=name, up=tensor(parts[UP]), down=tensor(parts[DOWN]),
-                            alpha=_alpha(tf, parts.get(ALPHA), name),
-                            mid=tensor(parts[MID]) if MID in parts else None,
-                            loader=_loader(tf, parts) if lazy else None, source=tf.path)
-        validate_module(module, tf.path)
-        modules[name] = module
+        modules[name] = _module(tf, name, parts, lazy)
     if alpha_only:
         notes.append(f"{len(alpha_only)} alpha values without factors ignored (e.g. '{alpha_only[0]}')")
     variants = Counter(m.variant for m in matches.values() if m.variant)
     fmt = variants.most_common(1)[0][0]
     model = LoraModel(modules=modules, metadata=dict(tf.metadata), format=fmt, path=tf.path, notes=notes)
     model.extras = {k: (str(tf.infos[k].dtype).replace("torch.", ""), tf.infos[k].shape) for k in extras}
-    model.arch, model.arch_notes = _detect(model, diffusers_te=fmt != "kohya")
+    pending = _resolve_layer_shapes(model)
+    model.arch, model.arch_notes = _detect(model, diffusers_te=fmt != "kohya", skip=set(pending))
+    _resolve_pending(model, pending)
     _canonical_names(model, rename_te=fmt != "kohya")
     no_alpha = sum(m.alpha is None for m in modules.values())
     if no_alpha:
         notes.append(f"no alpha stored for {no_alpha} of {len(modules)} modules: scale 1 (alpha = rank), "
                      "as A1111 applies it")
-    if any(m.mid is not None for m in modules.values()):
+    if any(getattr(m, "mid", None) is not None for m in modules.values()):
         notes.append("LyCORIS Tucker (lora_mid) factors: folded into the down factor when merging")
+    lycoris = Counter(algorithm_label(m) for m in modules.values() if is_lycoris(m))
+    if lycoris:
+        listing = ", ".join(f"{algo} ×{n}" for algo, n in lycoris.items())
+        notes.append(f"LyCORIS modules ({listing}): merged through their exact factor form (rank r₁·r₂), "
+                     "written as plain LoRA/LoCon")
+    dora = sum(getattr(m, "algo", "") == "dora" for m in modules.values())
+    if dora:
+        notes.append(f"DoRA (dora_scale) on {dora} modules: applied to the base weights when baking; "
+                     "cannot be merged into a plain LoRA")
     if extras:
         shown = ", ".join(f"'{k}'" for k in extras[:4])
         notes.append(f"{len(extras)} tensors that are not LoRA factors are kept aside, not merged: {shown}")
     if tf.non_tensors:
         notes.append(f"{len(tf.non_tensors)} non-tensor entries ignored: {', '.join(tf.non_tensors[:4])}")
     return model
+
+
+def _module(tf: TensorFile, name: str, parts: dict[str, str], lazy: bool) -> NetworkModule:
+    """One module from its keys: LoRA/LoCon, LoHa or LoKr, wrapped as DoRA when it has a dora_scale."""
+
+    def tensor(key: str) -> torch.Tensor:
+        return _meta(tf, key) if lazy else tf.get(key)
+
+    families = sorted({"LoRA" if p in (UP, DOWN, MID) else PARTS[p][0] for p in parts if p in _FACTORS})
+    if len(families) > 1:
+        raise LoraMergeError(f"mixes factors of different algorithms ({', '.join(sorted(parts))})", tf.path, name)
+    alpha = _alpha(tf, parts.get(ALPHA), name)
+    have = ", ".join(sorted(parts))
+    if families == ["LoRA"]:
+        for needed in (UP, DOWN):
+            if needed not in parts:
+                raise LoraMergeError(f"has {have} but no {needed} factor", tf.path, name)
+        module: NetworkModule = LoraModule(name=name, up=tensor(parts[UP]), down=tensor(parts[DOWN]), alpha=alpha,
+                                           mid=tensor(parts[MID]) if MID in parts else None,
+                                           loader=_loader(tf, parts) if lazy else None, source=tf.path)
+        validate_module(module, tf.path)
+    else:
+        algo = families[0]
+        fields = {PARTS[p][1]: key for p, key in parts.items() if p in PARTS}
+        if algo == "hada":  # what A1111's ModuleTypeHada / ModuleTypeLokr require
+            missing = [f"hada_{f}" for f in ("w1_a", "w1_b", "w2_a", "w2_b") if f not in fields]
+        else:
+            missing = [f"lokr_{w} (or lokr_{w}_a and lokr_{w}_b)" for w in ("w1", "w2")
+                       if w not in fields and not {f"{w}_a", f"{w}_b"} <= fields.keys()]
+        if missing:
+            raise LoraMergeError(f"has {have} but no {', '.join(missing)}", tf.path, name)
+        loader = (lambda: {f: tf.get(k) for f, k in fields.items()}) if lazy else None
+        module = make_module(algo, name, {f: tensor(k) for f, k in fields.items()}, alpha, loader, tf.path)
+    if DORA_SCALE in parts:
+        key = parts[DORA_SCALE]
+        module = DoraModule(module, tensor(key), loader=(lambda: tf.get(key)) if lazy else None, source=tf.path)
+        module.validate(tf.path)
+    return module
+
+
+def _resolve_layer_shapes(model: LoraModel) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Give LyCORIS modules with flat (out, in·kh·kw) factors their layer's shape from the SD layouts.
+
+    A name whose layer has one shape in every SD version that has it is resolved now; a name whose
+    shape differs between versions (SD1's 1×1-conv proj_in against SD2's linear one) waits for the
+    architecture (returned: name → {arch: shape}) and is left out of its detection.
+    """
+    pending: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, module in model.modules.items():
+        if getattr(module, "layer_shape_known", True):
+            continue
+        out, *rest = module.weight_shape
+        flat = math.prod(rest)
+        candidates = {arch: shape for arch, shape in sdlayouts.layer_shapes(name).items()
+                      if shape[0] == out and math.prod(shape[1:]) == flat}
+        shapes = set(candidates.values())
+        if len(shapes) == 1:
+            model.modules[name] = module.with_layer_shape(shapes.pop())
+        elif shapes:
+            pending[name] = candidates
+    return pending
+
+
+def _resolve_pending(model: LoraModel, pending: dict[str, dict[str, tuple[int, ...]]]) -> None:
+    for name, candidates in pending.items():
+        if model.arch in candidates:
+            model.modules[name] = model.modules[name].with_layer_shape(candidates[model.arch])
+    flat = [n for n, m in model.modules.items() if not getattr(m, "layer_shape_known", True)]
+    if flat:
+        model.notes.append(f"{len(flat)} LyCORIS modules have flat factors on layers not found in the SD1/SD2/SDXL "
+                           f"layouts (e.g. '{flat[0]}'): treated as linear layers")
 
 
 def _meta(tf: TensorFile, key: str) -> torch.Tensor:
@@ -139,8 +216,8 @@ def _alpha(tf: TensorFile, key: str | None, module: str) -> float | None:
     return float(t.reshape(()).to(torch.float64))
 
 
-def _detect(model: LoraModel, diffusers_te: bool) -> tuple[str, list[str]]:
-    shapes = {n: m.weight_shape for n, m in model.modules.items()}
+def _detect(model: LoraModel, diffusers_te: bool, skip: set[str] = frozenset()) -> tuple[str, list[str]]:
+    shapes = {n: m.weight_shape for n, m in model.modules.items() if n not in skip}
     if diffusers_te:
         # diffusers' "text_encoder." is SD1/SD2's only encoder but SDXL's first: decide without it first
         others = {n: s for n, s in shapes.items() if not n.startswith("lora_te_")}
@@ -159,7 +236,7 @@ def _canonical_names(model: LoraModel, rename_te: bool) -> None:
     """
     if model.arch != SDXL:
         return
-    renamed: dict[str, LoraModule] = {}
+    renamed: dict[str, NetworkModule] = {}
     converted = 0
     for name, module in model.modules.items():
         new = name

@@ -9,31 +9,31 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-# key suffix (after ``<module>.``) → algorithm name
+# key suffix (after ``<module>.``) → algorithm name, for keys no format adapter reads. LoHa, LoKr
+# and DoRA are read in kohya naming (``lora_unet_…``); the same keys under dotted (diffusers/PEFT)
+# paths are not, and are refused by name rather than dropped.
 ALGORITHM_SUFFIXES = {
-    "hada_w1_a": "LyCORIS LoHa", "hada_w1_b": "LyCORIS LoHa", "hada_w2_a": "LyCORIS LoHa",
-    "hada_w2_b": "LyCORIS LoHa", "hada_t1": "LyCORIS LoHa", "hada_t2": "LyCORIS LoHa",
-    "lokr_w1": "LyCORIS LoKr", "lokr_w1_a": "LyCORIS LoKr", "lokr_w1_b": "LyCORIS LoKr",
-    "lokr_w2": "LyCORIS LoKr", "lokr_w2_a": "LyCORIS LoKr", "lokr_w2_b": "LyCORIS LoKr", "lokr_t2": "LyCORIS LoKr",
     "diff": "LyCORIS full (diff)", "diff_b": "LyCORIS full (diff)",
     "on_input": "LyCORIS IA3",
     "a1.weight": "LyCORIS GLoRA", "a2.weight": "LyCORIS GLoRA",
     "b1.weight": "LyCORIS GLoRA", "b2.weight": "LyCORIS GLoRA",
     "oft_blocks": "OFT/BOFT", "oft_diag": "OFT/BOFT", "oft_R": "OFT/BOFT",
     "w_norm": "LyCORIS norm", "b_norm": "LyCORIS norm",
+    **{f"hada_{p}": "LyCORIS LoHa" for p in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")},
+    **{f"lokr_{p}": "LyCORIS LoKr" for p in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")},
     "dora_scale": "DoRA",
 }
+READ_IN_KOHYA_NAMING = frozenset({"LyCORIS LoHa", "LyCORIS LoKr", "DoRA"})
 _ALGO_KEY = re.compile(r"(?P<module>.+?)\.(?P<suffix>" + "|".join(re.escape(s) for s in ALGORITHM_SUFFIXES) + ")")
 _CLONEOFSIMO = re.compile(r"(unet|text_encoder):\d+:(up|down)")
 _MALFORMED_KOHYA = re.compile(r"lora_(unet|te\d?)_[^.]+_lora_(up|down)\.weight")
 
-_WHY = {
-    "DoRA": "DoRA's magnitude vector depends on the base model's weights, so it cannot become a plain LoRA",
-}
+_WHY = {algo: "read in kohya naming only ('lora_unet_…'), not under dotted diffusers/PEFT paths"
+        for algo in READ_IN_KOHYA_NAMING}
 
 
 def unsupported_algorithms(keys: list[str]) -> dict[str, list[str]]:
-    """Algorithm name → modules that use it, for every recognised non-LoRA module in ``keys``."""
+    """Algorithm name → modules that use it, for every recognised module in ``keys`` (keys no adapter read)."""
     found: dict[str, set[str]] = {}
     for key in keys:
         m = _ALGO_KEY.fullmatch(key)
@@ -50,7 +50,7 @@ def unsupported_format_reason(keys: list[str]) -> str | None:
         for algo, mods in sorted(algos.items(), key=lambda kv: -len(kv[1])):
             why = f" ({_WHY[algo]})" if algo in _WHY else ""
             parts.append(f"{algo} on {len(mods)} modules (e.g. '{mods[0]}'){why}")
-        return "unsupported format: " + "; ".join(parts) + "; only LoRA and LoCon modules can be merged"
+        return "unsupported format: " + "; ".join(parts) + "; LoRA, LoCon, LoHa and LoKr modules can be merged"
     positional = [k for k in keys if _CLONEOFSIMO.fullmatch(k)]
     if positional:
         return (f"unsupported format: cloneofsimo lora_diffusion keys ('{positional[0]}', {len(positional)} tensors) "

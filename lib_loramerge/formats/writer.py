@@ -41,6 +41,9 @@ def lora_tensor_specs(modules: Iterable[LoraModule], dtype: torch.dtype) -> list
     """The tensors of kohya-format modules; alpha is stored in fp32 so any value survives exactly."""
     specs: list[TensorSpec] = []
     for m in modules:
+        if not isinstance(m, LoraModule):  # LoHa / LoKr / DoRA: the writer writes kohya LoRA/LoCon only
+            raise LoraMergeError(f"a {getattr(m, 'label', type(m).__name__)} module is written as LoRA/LoCon only "
+                                 "after a merge (merge --mode concat converts it exactly)", module=m.name)
         specs.append(TensorSpec(f"{m.name}.lora_up.weight", dtype, tuple(m.up.shape), m.up))
         specs.append(TensorSpec(f"{m.name}.lora_down.weight", dtype, tuple(m.down.shape), m.down))
         if m.mid is not None:

@@ -85,6 +85,37 @@ def factor_svd(up: torch.Tensor, down: torch.Tensor, k: int | None = None) -> Fa
     return FactorSVD(left=up @ to_left.to(up.dtype), values=s, right=to_right.T.to(down.dtype) @ down)
 
 
+def kron_svd(first: FactorSVD, second: FactorSVD, k: int | None = None) -> FactorSVD:
+    """The SVD of kron(A, B) from full SVDs of A and B (every vector kept): vectors for the top ``k``.
+
+    kron(Uₐ Σₐ Vₐᵀ, U_b Σ_b V_bᵀ) = kron(Uₐ, U_b) kron(Σₐ, Σ_b) kron(Vₐ, V_b)ᵀ, and Kronecker
+    products of orthonormal columns are orthonormal: the singular values are the products σᵢ·τⱼ,
+    with vectors kron(uᵢ, u'ⱼ) and kron(vᵢ, v'ⱼ). Only the k kept columns are ever formed.
+    """
+    s1, s2 = first.values, second.values
+    products = (s1[:, None] * s2[None, :]).reshape(-1)
+    values, order = torch.sort(products, descending=True)
+    k = values.numel() if k is None else min(k, values.numel())
+    i, j = order[:k] // s2.numel(), order[:k] % s2.numel()
+    l1, l2 = first.left[:, i], second.left[:, j]
+    r1, r2 = first.right[i], second.right[j]
+    left = (l1[:, None, :] * l2[None, :, :]).reshape(l1.shape[0] * l2.shape[0], k)
+    right = (r1[:, :, None] * r2[:, None, :]).reshape(k, r1.shape[1] * r2.shape[1])
+    return FactorSVD(left=left, values=values, right=right)
+
+
+def compact_factors(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same product with inner size at most min(out, K): when the stack is wider than the layer
+    (high-rank LoHa/LoKr factor forms), the product itself with an identity is the smaller pair."""
+    out, inner = up.shape
+    width = down.shape[1]
+    if inner <= min(out, width):
+        return up, down
+    if out <= width:
+        return torch.eye(out, dtype=up.dtype, device=up.device), up @ down
+    return up @ down, torch.eye(width, dtype=down.dtype, device=down.device)
+
+
 def rank_for_threshold(values: torch.Tensor, threshold: float) -> int:
     """The smallest k whose leading singular values keep at least ``threshold`` of ‖ΔW‖_F²."""
     energy = values.double() ** 2

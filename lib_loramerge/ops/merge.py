@@ -16,13 +16,16 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import LoraMergeError
-from ..model import LoraModel, LoraModule, is_text_encoder
+from ..lycoris import algorithm_label, is_lycoris, network_dim
+from ..model import LoraModel, LoraModule, NetworkModule, is_text_encoder
 from ..runtime import torch_threads
-from .lowrank import clamp_factors, factor_svd, rank_for_threshold, split_factors
+from .lowrank import FactorSVD, clamp_factors, compact_factors, factor_svd, kron_svd, rank_for_threshold, split_factors
 
 MODES = ("add", "concat", "svd")
 # singular values below this fraction of the largest (times the stacked rank) are rounding noise
 _NOISE = 1.2e-7
+# concat: a module whose output rank exceeds this multiple of its inputs' declared ranks is reported
+WIDE_CONCAT = 4
 
 
 @dataclass
@@ -39,9 +42,16 @@ class MergeInput:
     def te_strength(self) -> float:
         return self.unet if self.te is None else self.te
 
+    def multiplier(self, module: str) -> float:
+        """The prompt strength for this module: TE strength for text-encoder modules, else UNet strength."""
+        return self.te_strength if is_text_encoder(module) else self.unet
+
+    def ratio(self, module: str) -> float:
+        """The block weight for this module (1 without block weights)."""
+        return self.block_ratio(module) if self.block_ratio else 1.0
+
     def strength(self, module: str) -> float:
-        base = self.te_strength if is_text_encoder(module) else self.unet
-        return base * (self.block_ratio(module) if self.block_ratio else 1.0)
+        return self.multiplier(module) * self.ratio(module)
 
 
 @dataclass
@@ -122,6 +132,7 @@ class _Outcome:
     energy: float | None = None  # svd: retained fraction of ‖ΔW‖_F²
     target_energy: float | None = None  # svd: ‖ΔW‖_F² of the exact target
     notes: list[str] = field(default_factory=list)
+    wide: int | None = None  # concat with LyCORIS parts: the inputs' largest declared rank, when far exceeded
 
 
 @dataclass
@@ -129,7 +140,7 @@ class _Part:
     """One input's contribution to one module: ΔW part = scale · up @ down (factors in fp32)."""
 
     source: str
-    module: LoraModule
+    module: NetworkModule
     strength: float  # strength × block ratio
 
     @property
@@ -158,10 +169,16 @@ def merge_loras(inputs: Sequence[MergeInput], options: MergeOptions,
     unknown = [i.lora.name for i in inputs if i.lora.arch == "unknown"]
     if unknown:
         report.notes.append(f"architecture unknown for {', '.join(unknown)}; merged by module name only")
+    lycoris = _check_lycoris(inputs, options)
+    if lycoris:
+        listing = "; ".join(f"{src}: {', '.join(f'{algo} ×{n}' for algo, n in algos.items())}"
+                            for src, algos in lycoris.items())
+        report.notes.append(f"LyCORIS modules merged exactly through their factor forms ({listing}); "
+                            "the output is a plain LoRA/LoCon")
     rank_cap = options.rank
     if options.mode == "svd" and rank_cap is None and options.threshold is None:
-        rank_cap = max(m.rank for i in inputs for m in i.lora.modules.values())
-        report.notes.append(f"rank not given: using the largest input rank, {rank_cap}")
+        rank_cap, why = default_rank(inputs)
+        report.notes.append(f"rank not given: using {why}, {rank_cap}")
     names: dict[str, None] = {}
     for inp in inputs:
         names.update(dict.fromkeys(inp.lora.modules))
@@ -173,9 +190,12 @@ def merge_loras(inputs: Sequence[MergeInput], options: MergeOptions,
         return _merge_module(name, parts, options, rank_cap, device)
 
     out: list[LoraModule] = []
+    wide: list[tuple[str, int, int]] = []
     total = len(names)
     for done, (name, outcome) in enumerate(zip(names, parallel_map(work, names, device), strict=True), 1):
         report.notes += outcome.notes
+        if outcome.wide is not None and outcome.module is not None:
+            wide.append((name, outcome.module.rank, outcome.wide))
         if outcome.module is None:
             report.dropped.append((name, outcome.dropped))
         else:
@@ -187,9 +207,53 @@ def merge_loras(inputs: Sequence[MergeInput], options: MergeOptions,
                 report.target_energy[name] = outcome.target_energy
         if progress:
             progress(done, total, name)
+    if wide:
+        name, rank, declared = max(wide, key=lambda w: w[1])
+        report.notes.append(
+            f"concat: {len(wide)} modules have a rank above {WIDE_CONCAT}× their inputs' ranks (up to {rank}, e.g. "
+            f"{name}, inputs of rank {declared}): LoHa/LoKr factor forms have rank r₁·r₂, so the file is large; "
+            f"--mode svd --rank N gives the best rank-N approximation")
     report.modules_out = len(out)
     report.seconds = time.perf_counter() - started
     return MergeResult(modules=out, arch=arch, report=report)
+
+
+def _check_lycoris(inputs: Sequence[MergeInput], options: MergeOptions) -> dict[str, dict[str, int]]:
+    """Refuse what cannot merge before any work (DoRA; LyCORIS in add mode); count LyCORIS modules per input."""
+    found: dict[str, dict[str, int]] = {}
+    for inp in inputs:
+        for name, m in inp.lora.modules.items():
+            if inp.strength(name) == 0.0:
+                continue
+            where = inp.lora.path or inp.lora.name
+            if getattr(m, "algo", "") == "dora":
+                raise LoraMergeError("DoRA module (dora_scale): its update depends on the base model's weights, so "
+                                     "it cannot be merged into a plain LoRA; bake it into a checkpoint instead",
+                                     where, name)
+            if is_lycoris(m):
+                label = algorithm_label(m)
+                if options.mode == "add":
+                    raise LoraMergeError(f"add mode is the seed's factor sum, defined for LoRA/LoCon only, not {label}; "
+                                         "use --mode concat (exact) or svd", where, name)
+                algos = found.setdefault(inp.lora.name, {})
+                algos[label] = algos.get(label, 0) + 1
+    return found
+
+
+def default_rank(inputs: Sequence[MergeInput]) -> tuple[int, str]:
+    """The svd rank cap when none is given: the largest rank of the plain LoRA/LoCon modules.
+
+    A LoHa/LoKr module's exact factor rank (r₁·r₂) says nothing about the size a user expects
+    (a dim-8 LoKr has factor rank 64 but is smaller than a rank-8 LoRA), so it never sets the
+    default. Inputs with LyCORIS modules only: their factor rank, so one LoKr converts exactly.
+    """
+    modules = [m for i in inputs for m in i.lora.modules.values()]
+    plain = [m.rank for m in modules if not is_lycoris(m)]
+    if plain:
+        return max(plain), "the largest LoRA/LoCon input rank" + (" (LyCORIS factor ranks not counted)"
+                                                                      if len(plain) < len(modules) else "")
+    return max(m.rank for m in modules), ("the largest LyCORIS factor rank (exact for one input; --rank or "
+                                          "--threshold give a smaller file)")
 
 
 def parallel_map(fn: Callable[[str], _Outcome], items: Iterable[str], device: torch.device) -> Iterator[_Outcome]:
@@ -214,10 +278,17 @@ def _flat_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape[:2] if shape[2:] == (1, 1) else shape
 
 
+def _shape_known(module: NetworkModule) -> bool:
+    return getattr(module, "layer_shape_known", True)
+
+
 def _check_shapes(name: str, parts: list[_Part]) -> list[str]:
     first = parts[0]
     for p in parts[1:]:
-        if _flat_shape(p.module.weight_shape) != _flat_shape(first.module.weight_shape):
+        a, b = p.module.weight_shape, first.module.weight_shape
+        if not (_shape_known(p.module) and _shape_known(first.module)):  # a flat LyCORIS shape: compare flat
+            a, b = (a[0], math.prod(a[1:])), (b[0], math.prod(b[1:]))
+        if _flat_shape(a) != _flat_shape(b):
             raise LoraMergeError(f"shape {list(first.module.weight_shape)} in {first.source} but "
                                  f"{list(p.module.weight_shape)} in {p.source}: not the same layer", module=name)
     if len({len(p.module.weight_shape) for p in parts}) > 1:
@@ -225,7 +296,7 @@ def _check_shapes(name: str, parts: list[_Part]) -> list[str]:
     return []
 
 
-def _output_module(name: str, ref: LoraModule, up: torch.Tensor, down: torch.Tensor, alpha: float | None,
+def _output_module(name: str, ref: NetworkModule, up: torch.Tensor, down: torch.Tensor, alpha: float | None,
                    dtype: torch.dtype) -> LoraModule:
     """Factors (out × k, k × K) shaped like ``ref``'s layer: (out, k[, 1, 1]) and (k, in[, kh, kw])."""
     k = up.shape[1]
@@ -242,11 +313,14 @@ def _merge_module(name: str, parts: list[_Part], options: MergeOptions, rank_cap
     if not live:
         return _Outcome(None, "strength or block weight 0 in every input")
     notes = _check_shapes(name, live)
-    ref = live[0].module
-    factors = [p.module.factor_matrices(torch.float32, device) for p in live]
+    ref = next((p.module for p in live if _shape_known(p.module)), live[0].module)
     if options.mode == "svd":
-        outcome = _svd(name, live, factors, options, rank_cap)
-    elif len(live) == 1:  # one source: that LoRA itself, strength folded in evenly, its own alpha
+        outcome = _svd(name, live, ref, options, rank_cap, device)
+        outcome.notes = notes + outcome.notes
+        return outcome
+    factors = [p.module.factor_matrices(torch.float32, device) for p in live]
+    lycoris = any(is_lycoris(p.module) for p in live)
+    if len(live) == 1 and not lycoris:  # one source: that LoRA itself, strength folded in evenly, its own alpha
         (up, down), part = factors[0], live[0]
         root = math.sqrt(abs(part.strength))
         alpha = part.module.alpha if part.module.alpha is not None else float(part.module.rank)
@@ -260,6 +334,9 @@ def _merge_module(name: str, parts: list[_Part], options: MergeOptions, rank_cap
             downs.append(root * down)
         up, down = torch.cat(ups, 1), torch.cat(downs, 0)
         outcome = _Outcome(_output_module(name, ref, up, down, float(up.shape[1]), options.dtype))  # scale 1
+        declared = max(network_dim(p.module) for p in live)
+        if lycoris and up.shape[1] > WIDE_CONCAT * declared:
+            outcome.wide = declared
     else:
         outcome = _Outcome(_add(name, live, factors, options.dtype))
     outcome.notes = notes + outcome.notes
@@ -283,21 +360,39 @@ def _add(name: str, parts: list[_Part], factors: list[tuple[torch.Tensor, torch.
     return _output_module(name, parts[0].module, up, down, alphas[0], dtype)
 
 
-def _svd(name: str, parts: list[_Part], factors: list[tuple[torch.Tensor, torch.Tensor]], options: MergeOptions,
-         rank_cap: int | None) -> _Outcome:
-    ref = parts[0].module
+def _stacked_svd(parts: list[_Part], rank_cap: int | None, device: torch.device) -> tuple[FactorSVD, float, int, int]:
+    """(SVD of the module's ΔW, Σ‖Uᵢ‖‖Dᵢ‖ bound on ‖ΔW‖, stacked rank, rank cap) from the stacked factor pairs.
+
+    One LoKr alone takes the Kronecker route: the SVDs of its two small sides, never a stack of
+    rank r₁·r₂ (its singular values are the products of theirs).
+    """
+    if len(parts) == 1 and hasattr(parts[0].module, "kron_sides"):
+        p = parts[0]
+        (u1, d1), (u2, d2) = p.module.kron_sides(torch.float32, device)
+        stacked = u1.shape[1] * u2.shape[1]
+        cap = min(rank_cap or stacked, u1.shape[0] * u2.shape[0], d1.shape[1] * d2.shape[1], stacked)
+        svd = kron_svd(factor_svd(u1, d1), factor_svd(u2, d2), cap)
+        svd = FactorSVD(left=math.copysign(1.0, p.scale) * svd.left, values=abs(p.scale) * svd.values, right=svd.right)
+        magnitude = abs(p.scale) * math.prod(float(torch.linalg.norm(t)) for t in (u1, d1, u2, d2))
+        return svd, magnitude, stacked, cap
     ups, downs = [], []
-    for (u, d), p in zip(factors, parts, strict=True):
+    for p in parts:
+        u, d = p.module.factor_matrices(torch.float32, device)
         root = math.sqrt(abs(p.scale))  # balanced, like concat: keeps both stacks well scaled
         ups.append(math.copysign(root, p.scale) * u)
         downs.append(root * d)
-    up, down = torch.cat(ups, 1), torch.cat(downs, 0)
+    up, down = compact_factors(torch.cat(ups, 1), torch.cat(downs, 0))
     stacked = up.shape[1]
     cap = min(rank_cap or stacked, up.shape[0], down.shape[1], stacked)
-    svd = factor_svd(up, down, cap)
-    values = svd.values
     # ‖ΔW‖ ≤ Σ‖Uᵢ‖‖Dᵢ‖: singular values below fp32 rounding of that are noise (e.g. a LoRA minus itself)
     magnitude = sum(float(torch.linalg.norm(u)) * float(torch.linalg.norm(d)) for u, d in zip(ups, downs, strict=True))
+    return factor_svd(up, down, cap), magnitude, stacked, cap
+
+
+def _svd(name: str, parts: list[_Part], ref: NetworkModule, options: MergeOptions, rank_cap: int | None,
+         device: torch.device) -> _Outcome:
+    svd, magnitude, stacked, cap = _stacked_svd(parts, rank_cap, device)
+    values = svd.values
     significant = int((values > magnitude * _NOISE * stacked).sum())
     if significant == 0:
         return _Outcome(None, "ΔW is zero")
