@@ -152,3 +152,36 @@ def test_one_file_resizes_through_the_kronecker_svd(tmp_path):
             got = module.up.double().reshape(module.up.shape[0], -1) @ module.down.double().reshape(k, -1)
             err = float(torch.linalg.norm(want - got * (module.alpha / k)) ** 2)
             assert err <= float((s[k:] ** 2).sum()) * (1 + 1e-4) + 1e-9 * float(s.square().sum()), name
+
+
+def test_real_lokr_bakes_into_real_layers(tmp_path):
+    """Bake both real files into a checkpoint holding real SD1 layers of every shape they touch."""
+    from safetensors.torch import load_file, save_file
+
+    from lib_loramerge import sdlayouts
+    from lib_loramerge.bake.keymap import CheckpointLayout
+    from lib_loramerge.jobs import bake_to_file
+    from lib_loramerge.ops.merge import MergeInput
+
+    shapes = dict(sdlayouts.checkpoint_tensors("sd1"))
+    layout = CheckpointLayout(shapes)
+    loras = {n: read_lora(p, lazy=True) for n, p in FILES.items()}
+    by_shape: dict[tuple, str] = {}
+    for name, module in loras["smart_falcon_4_lokr"].modules.items():
+        by_shape.setdefault(module.weight_shape, name)  # one module of every layer shape
+    targets = {name: layout.target(name) for name in by_shape.values()}
+    g = torch.Generator().manual_seed(1)
+    ckpt = {t.key: torch.randn(shapes[t.key], generator=g) * 0.02 for t in targets.values()}
+    ckpt["cond_stage_model.transformer.text_model.final_layer_norm.bias"] = torch.zeros(768)
+    path = tmp_path / "part.safetensors"
+    save_file(ckpt, str(path))
+    strengths = {"smart_falcon_4_lokr": (0.7, 0.4), "smart_falcon_8_lokr": (-0.3, 0.9)}
+    inputs = [MergeInput(loras[n], unet=u, te=t) for n, (u, t) in strengths.items()]
+    job = bake_to_file(path, inputs, tmp_path / "out.safetensors", dtype=torch.float32, allow_unmatched=True)
+    assert job.report.modules_baked == 2 * len(targets)
+    assert len(job.report.unmatched) == 2 * (350 - len(targets))
+    before, after = load_file(path), load_file(job.path)
+    for name, t in targets.items():
+        want = target(strengths, name)
+        got = (after[t.key].double() - before[t.key].double()).reshape(want.shape)
+        assert float((got - want).norm()) <= 1e-5 * float(want.norm()) + 1e-7, name
