@@ -63,9 +63,11 @@ def factor_svd(up: torch.Tensor, down: torch.Tensor, k: int | None = None) -> Fa
     """The SVD of ``up @ down`` (out × R times R × K) from the factors alone; vectors for the top ``k``.
 
     Fast route: Cholesky of both Grams (up = Qᵤ Lᵤᵀ), SVD of Lᵤᵀ L_d. When either stack has
-    (nearly) dependent columns, the eigen route drops those directions instead.
+    (nearly) dependent columns, the eigen route drops those directions instead. The Grams and
+    the final products run where the factors are; the small R × R decompositions always on the
+    CPU (on a GPU they are launch-bound: slower than the CPU for such sizes).
     """
-    gu, gd = _gram(up), _gram(down.T)
+    gu, gd = _gram(up).cpu(), _gram(down.T).cpu()
     lu, ld = _cholesky(gu), _cholesky(gd)
     if lu is not None and ld is not None:
         p, s, wh = torch.linalg.svd(lu.T @ ld, full_matrices=False)
@@ -82,7 +84,8 @@ def factor_svd(up: torch.Tensor, down: torch.Tensor, k: int | None = None) -> Fa
         k = s.numel() if k is None else min(k, s.numel())
         to_left = (vu / su) @ p[:, :k]
         to_right = (vd / sd) @ wh[:k].T
-    return FactorSVD(left=up @ to_left.to(up.dtype), values=s, right=to_right.T.to(down.dtype) @ down)
+    to_left, to_right = to_left.to(up.device, up.dtype), to_right.to(down.device, down.dtype)
+    return FactorSVD(left=up @ to_left, values=s, right=to_right.T @ down)
 
 
 def kron_svd(first: FactorSVD, second: FactorSVD, k: int | None = None) -> FactorSVD:
@@ -96,7 +99,7 @@ def kron_svd(first: FactorSVD, second: FactorSVD, k: int | None = None) -> Facto
     products = (s1[:, None] * s2[None, :]).reshape(-1)
     values, order = torch.sort(products, descending=True)
     k = values.numel() if k is None else min(k, values.numel())
-    i, j = order[:k] // s2.numel(), order[:k] % s2.numel()
+    i, j = (idx.to(first.left.device) for idx in (order[:k] // s2.numel(), order[:k] % s2.numel()))
     l1, l2 = first.left[:, i], second.left[:, j]
     r1, r2 = first.right[i], second.right[j]
     left = (l1[:, None, :] * l2[None, :, :]).reshape(l1.shape[0] * l2.shape[0], k)
@@ -131,7 +134,7 @@ def rank_for_threshold(values: torch.Tensor, threshold: float) -> int:
 
 def split_factors(svd: FactorSVD, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-k factors with √σ on each side, so neither factor's range outgrows the other (fp16-safe)."""
-    root = svd.values[:k].sqrt().to(svd.left.dtype)
+    root = svd.values[:k].sqrt().to(svd.left.device, svd.left.dtype)
     return svd.left[:, :k] * root, root[:, None] * svd.right[:k]
 
 

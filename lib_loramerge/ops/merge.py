@@ -22,6 +22,7 @@ from ..runtime import torch_threads
 from .lowrank import FactorSVD, clamp_factors, compact_factors, factor_svd, kron_svd, rank_for_threshold, split_factors
 
 MODES = ("add", "concat", "svd")
+MAX_WORKERS = 4
 # singular values below this fraction of the largest (times the stacked rank) are rounding noise
 _NOISE = 1.2e-7
 # concat: a module whose output rank exceeds this multiple of its inputs' declared ranks is reported
@@ -262,7 +263,8 @@ def parallel_map(fn: Callable[[str], _Outcome], items: Iterable[str], device: to
     Small per-module linear algebra scales far better across modules than inside one op, so the
     intra-op thread count is set to 1 for the duration (and restored). On CUDA: sequential.
     """
-    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    # beyond a few workers the Python between torch calls (one GIL) is the bottleneck
+    workers = min(torch.get_num_threads(), MAX_WORKERS) if device.type == "cpu" else 1
     if workers <= 1:
         yield from map(fn, items)
         return
