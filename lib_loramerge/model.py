@@ -79,8 +79,23 @@ class NetworkModule(Protocol):
     def delta(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor: ...
 
 
+class FactorDelta:
+    """ΔW and the strength rule for module types whose update is scale · U @ D of ``factor_matrices``."""
+
+    name: str
+
+    @property
+    def is_text_encoder(self) -> bool:
+        return is_text_encoder(self.name)
+
+    def delta(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The dense ΔW at strength 1, in the layer's weight shape. For checks and baking only."""
+        up, down = self.factor_matrices(dtype, device)  # type: ignore[attr-defined]
+        return (self.scale * (up @ down)).reshape(self.weight_shape)  # type: ignore[attr-defined]
+
+
 @dataclass
-class LoraModule:
+class LoraModule(FactorDelta):
     """One LoRA / LoCon module: ``up`` (out, r[, 1, 1]), ``down`` (r, in[, kh, kw]), optional Tucker ``mid``.
 
     With ``mid`` (LyCORIS Tucker LoCon) the shapes are up (out, r, 1, 1), mid (r, r, kh, kw) and
@@ -149,10 +164,6 @@ class LoraModule:
     def dtype(self) -> torch.dtype:
         return self.up.dtype
 
-    @property
-    def is_text_encoder(self) -> bool:
-        return is_text_encoder(self.name)
-
     def factor_matrices(self, dtype: torch.dtype = torch.float32,
                         device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """(U, D) with ΔW = scale · U @ D: U is (out, r), D is (r, in·kh·kw); Tucker ``mid`` folded into D."""
@@ -164,11 +175,6 @@ class LoraModule:
             mid = self.mid.to(device=device, dtype=dtype)
             down = torch.einsum("nmkl,mj->njkl", mid, down.reshape(self.rank, self.in_features))
         return up, down.reshape(self.rank, -1)
-
-    def delta(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The dense ΔW at strength 1, in the layer's weight shape. For checks and baking only."""
-        up, down = self.factor_matrices(dtype, device)
-        return (self.scale * (up @ down)).reshape(self.weight_shape)
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import LoraMergeError
-from ..model import is_text_encoder, kind_of
+from ..model import FactorDelta, kind_of
 
 Loader = Callable[[], dict[str, torch.Tensor]]
 
@@ -97,7 +97,7 @@ class Side:
 
 
 @dataclass
-class LycorisModule:
+class LycorisModule(FactorDelta):
     """Base of the LyCORIS module types: name, alpha, tensors (possibly lazy), layer shape.
 
     Subclasses declare their tensors as ``torch.Tensor | None`` fields named like the file's key
@@ -205,10 +205,6 @@ class LycorisModule:
     def dtype(self) -> torch.dtype:
         return next(iter(self.tensors().values())).dtype
 
-    @property
-    def is_text_encoder(self) -> bool:
-        return is_text_encoder(self.name)
-
     def factor_matrices(self, dtype: torch.dtype = torch.float32,
                         device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """(U, D) with ΔW = scale · U @ D exactly: U (out, rank), D (rank, in·kh·kw)."""
@@ -216,11 +212,6 @@ class LycorisModule:
             return self.load().factor_matrices(dtype, device)
         s1, s2 = self.sides()
         return self.combine(s1.pair(dtype, device), s2.pair(dtype, device))
-
-    def delta(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The dense ΔW at strength 1, in the layer's weight shape. For checks and baking only."""
-        up, down = self.factor_matrices(dtype, device)
-        return (self.scale * (up @ down)).reshape(self.weight_shape)
 
     def validate(self, path: Path | str | None = None) -> None:
         """Refuse tensors that do not fit together, are empty, not float, or (when loaded) hold NaN/Inf."""
