@@ -7,19 +7,32 @@ traceback (``--debug`` shows it). Anything else is a bug: one line, exit status 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import LoraMergeError
+from .errors import LoraMergeError, display_path
 
 EXIT_USER_ERROR = 2
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and a LoraMergeError (so: exit 2, no usage dump)."""
+    """argparse, but a usage error is one line and a LoraMergeError (so: exit 2, no usage dump).
+
+    Negative strengths in any float spelling (``-1e-1``, ``-inf``) are values, not options: argparse's
+    own test knows only ``-1`` and ``-0.5``, and would call ``--ratios -1e-1`` a missing argument.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise LoraMergeError(f"{message} (see '{self.prog} --help')")
@@ -67,13 +80,13 @@ class _TqdmProgress:
             self.bar.close()
 
 
-def _input_specs(args: argparse.Namespace) -> list:
+def _input_specs(args: argparse.Namespace, notes: list[str]) -> list:
     from .jobs import LoraSpec, specs_from_prompt
 
     if args.prompt is not None:
         if args.models or args.ratios or args.te_ratios or args.lbws:
             raise LoraMergeError("give either --prompt or --models (with --ratios/--te-ratios/--lbws), not both")
-        return specs_from_prompt(args.prompt, args.lora_dir or [])
+        return specs_from_prompt(args.prompt, args.lora_dir or [], notes)
     if not args.models:
         raise LoraMergeError("no inputs: give --models FILE … or --prompt '<lora:NAME:…>' with --lora-dir")
     n = len(args.models)
@@ -94,9 +107,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                            device=args.device or default_device(), dtype=parse_dtype(args.dtype))
     options.validate()
     check_output(args.out, args.overwrite)
-    specs = _input_specs(args)
+    lookup_notes: list[str] = []
+    specs = _input_specs(args, lookup_notes)
     presets = load_presets(args.presets, args.webui_root) if any(s.lbw for s in specs) else None
     inputs, notes = prepare_inputs(specs, presets, seed=args.lbw_seed)
+    notes = lookup_notes + notes
     progress = _TqdmProgress(f"merge ({args.mode})")
     try:
         job = merge_to_file(inputs, options, args.out, overwrite=args.overwrite, progress=progress, notes=notes)
@@ -105,6 +120,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"out": str(job.path), "arch": job.arch, **job.report.as_dict()}, indent=2))
     else:
+        from .reports import format_merge_report
+
         print(format_merge_report(job.report, job.path, job.arch))
     return 0
 
@@ -121,9 +138,11 @@ def _cmd_bake(args: argparse.Namespace) -> int:
     check_device(device)
     check_input_path(args.checkpoint)
     check_output(args.out, args.overwrite)
-    specs = _input_specs(args)
+    lookup_notes: list[str] = []
+    specs = _input_specs(args, lookup_notes)
     presets = load_presets(args.presets, args.webui_root) if any(s.lbw for s in specs) else None
     inputs, notes = prepare_inputs(specs, presets, seed=args.lbw_seed)
+    notes = lookup_notes + notes
     progress = _TqdmProgress("bake", unit="tensor")
     try:
         job = bake_to_file(args.checkpoint, inputs, args.out, dtype=dtype, device=device, overwrite=args.overwrite,
@@ -133,60 +152,31 @@ def _cmd_bake(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"out": str(job.path), **job.report.as_dict()}, indent=2))
     else:
+        from .reports import format_bake_report
+
         print(format_bake_report(job.report, job.path))
     return 0
-
-
-def format_bake_report(report, path) -> str:
-    from .arch import PRETTY
-
-    lines = [f"wrote {path} ({PRETTY.get(report.arch, report.arch)} checkpoint {report.checkpoint} + "
-             f"{', '.join(report.inputs)})",
-             f"modules baked: {report.modules_baked} into {report.keys_patched} tensors"]
-    if report.by_block:
-        lines.append("  per block: " + ", ".join(f"{b} {n}" for b, n in report.by_block.items()))
-    if report.skipped_zero:
-        lines.append(f"  {report.skipped_zero} modules skipped: strength or block weight 0")
-    if report.unmatched:
-        lines.append(f"unmatched modules (not baked): {len(report.unmatched)}")
-        lines += [f"  {lora}: {module}: {why}" for lora, module, why in report.unmatched[:10]]
-        if len(report.unmatched) > 10:
-            lines.append(f"  … and {len(report.unmatched) - 10} more")
-    lines += [f"note: {n}" for n in report.notes]
-    lines.append(f"time: {report.seconds:.2f} s")
-    return "\n".join(lines)
-
-
-def format_merge_report(report, path, arch: str) -> str:
-    from .arch import PRETTY
-
-    lines = [f"wrote {path} ({PRETTY.get(arch, arch)}, {report.mode} of {len(report.inputs)} LoRA"
-             f"{'s' if len(report.inputs) != 1 else ''}: {', '.join(report.inputs)})",
-             f"modules: {report.modules_out} written, {len(report.dropped)} dropped"]
-    for kind, ranks in report.ranks_by_kind.items():
-        lines.append(f"  {kind}: " + ", ".join(f"rank {r} ×{n}" for r, n in sorted(ranks.items())))
-    for name, why in report.dropped[:10]:
-        lines.append(f"  dropped {name}: {why}")
-    if len(report.dropped) > 10:
-        lines.append(f"  … and {len(report.dropped) - 10} more dropped")
-    energy = report.energy_summary()
-    if energy:
-        lines.append(f"energy retained (fraction of ‖ΔW‖²): min {energy['min']:.6f}, mean {energy['mean']:.6f}")
-        for w in energy["worst"]:
-            lines.append(f"  {w['energy']:.6f}  {w['module']}")
-    lines += [f"note: {n}" for n in report.notes]
-    lines.append(f"time: {report.seconds:.2f} s")
-    return "\n".join(lines)
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
     from .ui.host import StandaloneHost
     from .ui.server import serve
 
-    for folder in [*args.lora_dir, *([args.ckpt_dir] if args.ckpt_dir else [])]:
+    lora_dirs = list(args.lora_dir or [])
+    if args.demo:
+        from . import demo
+
+        folder = Path(args.out)
+        if not all((folder / name).is_file() for name, _, _ in demo.INPUTS):
+            demo.prepare_folder(folder)
+            demo.write_inputs(folder)
+        lora_dirs.insert(0, str(folder))
+    if not lora_dirs:
+        raise LoraMergeError("give a LoRA folder (--lora-dir DIR) or --demo")
+    for folder in [*lora_dirs, *([args.ckpt_dir] if args.ckpt_dir else [])]:
         if not Path(folder).is_dir():
             raise LoraMergeError("folder not found", folder)
-    host = StandaloneHost(args.lora_dir, args.ckpt_dir, device=args.device, webui_root=args.webui_root,
+    host = StandaloneHost(lora_dirs, args.ckpt_dir, device=args.device, webui_root=args.webui_root,
                           preset_files=args.presets or ())
     try:
         import gradio  # noqa: F401
@@ -194,6 +184,12 @@ def _cmd_ui(args: argparse.Namespace) -> int:
         raise LoraMergeError("the ui command needs gradio (pip install 'gradio==3.41.2' or 4.x)") from None
     serve(host, args.port)
     return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    return demo.run(Path(args.out), main)
 
 
 def _add_input_args(p: argparse.ArgumentParser) -> None:
@@ -221,8 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Merge LoRAs exactly, bake them into checkpoints, inspect them.")
     parser.add_argument("--version", action="version", version=f"lib_loramerge {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    add = sub.add_parser
+
+    def add_parser(name: str, **kwargs) -> argparse.ArgumentParser:
+        return add(name, parents=[common], **kwargs)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
+
+    p = sub.add_parser("demo", help="the main job on generated inputs: write two SD1 LoRAs, merge them (svd, concat)")
+    p.add_argument("--out", default="lora-merger-demo", metavar="DIR",
+                   help="folder for the demo's files (default: ./lora-merger-demo; only the demo's own files are replaced)")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("info", help="describe a LoRA file: format, architecture, modules, ranks, metadata")
     p.add_argument("file", help="a LoRA (.safetensors, or .pt/.ckpt read with the safe unpickler)")
@@ -260,8 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bake)
 
     p = sub.add_parser("ui", help="serve the WebUI tab (merge, bake, inspect) on 127.0.0.1 in a browser")
-    p.add_argument("--lora-dir", action="append", required=True, metavar="DIR",
+    p.add_argument("--lora-dir", action="append", metavar="DIR",
                    help="LoRA folder (repeatable); merged LoRAs are saved in the first")
+    p.add_argument("--demo", action="store_true",
+                   help="open the tab on the demo's folder (--out, default ./lora-merger-demo), writing its LoRAs if needed")
+    p.add_argument("--out", default="lora-merger-demo", metavar="DIR", help="with --demo: the demo folder")
     p.add_argument("--ckpt-dir", metavar="DIR", help="checkpoint folder: bake reads and saves checkpoints here")
     p.add_argument("--port", type=int, default=7870, help="port on 127.0.0.1 (default 7870)")
     p.add_argument("--device", help="default device for the math: cpu or cuda (default: cuda when available)")
@@ -271,9 +283,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM/SIGHUP, raised in the main thread so that every ``finally`` runs (temp files removed)."""
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+def _install_signal_handlers() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(getattr(signal, name), _on_signal)
+
+
+def _printable_streams() -> None:
+    """Names that are not valid UTF-8, or a terminal that is not UTF-8, must not turn an error into a crash."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None, *, parser_factory: Callable[[], argparse.ArgumentParser] = build_parser) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    _printable_streams()
+    _install_signal_handlers()
     try:
         args = parser_factory().parse_args(argv)
         return int(args.func(args) or 0)
@@ -285,6 +323,9 @@ def main(argv: Sequence[str] | None = None, *, parser_factory: Callable[[], argp
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print("error: terminated; nothing was written", file=sys.stderr)
+        return 128 + int(e.args[0])
     except MemoryError:
         if debug:
             raise
@@ -293,7 +334,7 @@ def main(argv: Sequence[str] | None = None, *, parser_factory: Callable[[], argp
     except OSError as e:
         if debug:
             raise
-        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        where = f"{display_path(e.filename)}: " if getattr(e, "filename", None) else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as e:  # a bug: say so in one line, keep the traceback for --debug

@@ -5,6 +5,13 @@ from __future__ import annotations
 import os
 
 
+def display_path(path: str | os.PathLike | None) -> str:
+    """A path as text that can always be printed: bytes of the name that are not UTF-8 shown as ``\\xNN``."""
+    if path is None:
+        return ""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 class LoraMergeError(Exception):
     """A problem with the user's input or request, phrased for the user.
 
@@ -14,7 +21,7 @@ class LoraMergeError(Exception):
 
     def __init__(self, reason: str, path: str | os.PathLike | None = None, module: str | None = None):
         self.reason = " ".join(str(reason).split())  # always one line
-        self.path = os.fspath(path) if path is not None else None
+        self.path = display_path(path) if path is not None else None
         self.module = module
         super().__init__(self.message)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -16,9 +15,12 @@ from .bake.stream import BakeReport, bake
 from .blocks.presets import PresetBook, load_presets
 from .blocks.prompt import find_lora, parse_prompt
 from .blocks.weights import parse_block_weights
-from .errors import LoraMergeError
+from .checks import check_output_name
+from .errors import LoraMergeError, display_path
+from .formats.atomic import remove_stale_temp_files
+from .formats.hashing import BackgroundHashes
 from .formats.reader import read_lora
-from .formats.safetensors_io import check_writable_target, file_data_sha256
+from .formats.safetensors_io import check_writable_target
 from .formats.writer import save_lora
 from .info import short_dtype
 from .model import LoraModel
@@ -28,16 +30,35 @@ RECIPE_KEY = "lora_merger_recipe"
 Progress = Callable[[int, int, str], None]
 
 
-def lora_hash(lora: LoraModel) -> str:
-    """The hash A1111 shows for a LoRA: its ``sshs_model_hash`` if stored, else sha256 of its tensor data."""
-    stored = lora.metadata.get("sshs_model_hash")
-    if stored:
-        return stored
-    if lora.path is None or not lora.path.is_file():  # built in memory
-        return ""
-    if lora.path.suffix.lower() == ".safetensors":
-        return file_data_sha256(lora.path)
-    return hashlib.sha256(lora.path.read_bytes()).hexdigest()
+def input_hashes(loras: Sequence[LoraModel]) -> BackgroundHashes:
+    """Start hashing the inputs' files (the hash A1111 shows) beside the job; never trusts a stored hash."""
+    return BackgroundHashes([lora.path for lora in loras])
+
+
+def input_entries(inputs: Sequence[MergeInput], hashes: BackgroundHashes, placeholder: bool = False
+                  ) -> tuple[list[dict], list[str]]:
+    """The recipe's description of each input (file, hash, strengths, block weights), and notes to report.
+
+    A stored ``sshs_model_hash`` that is not the hash of the data means the file was changed
+    after it was saved: said in a note, and the computed hash is the one recorded.
+    ``placeholder``: zeros of the hashes' length, without waiting for them (a header's first draft).
+    """
+    entries, notes = [], []
+    for i, inp in enumerate(inputs):
+        if placeholder:
+            path = inp.lora.path
+            entries.append({"file": display_path(path.name) if path else inp.lora.name,
+                            "hash": "0" * 64 if path is not None and path.is_file() else "",
+                            "unet": inp.unet, "te": inp.te_strength, **inp.recipe})
+            continue
+        digest = hashes.result(i)
+        stored = inp.lora.metadata.get("sshs_model_hash")
+        if stored and digest and stored != digest:
+            notes.append(f"{inp.lora.name}: its stored sshs_model_hash is not the hash of its data (the file was changed "
+                         "after saving); the recipe records the real one")
+        name = display_path(inp.lora.path.name) if inp.lora.path else inp.lora.name
+        entries.append({"file": name, "hash": digest, "unet": inp.unet, "te": inp.te_strength, **inp.recipe})
+    return entries, notes
 
 
 def check_output(out: str | os.PathLike, overwrite: bool) -> Path:
@@ -45,7 +66,19 @@ def check_output(out: str | os.PathLike, overwrite: bool) -> Path:
     out = Path(out)
     if out.suffix.lower() != ".safetensors":
         raise LoraMergeError("output must be a .safetensors file", out)
+    check_output_name(out.name)
     check_writable_target(out, overwrite)
+    return out
+
+
+def start_output(out: str | os.PathLike, overwrite: bool, notes: list[str]) -> Path:
+    """At a job's start: check the output, and clear the temp files killed jobs left beside it (noted)."""
+    out = check_output(out, overwrite)
+    removed = remove_stale_temp_files(out.parent)
+    if removed:
+        size = sum(n for _, n in removed) / 2**20
+        notes.append(f"removed {len(removed)} temp file{'s' if len(removed) > 1 else ''} ({size:.0f} MiB) left in "
+                     f"{display_path(out.parent)} by jobs that were killed")
     return out
 
 
@@ -57,13 +90,11 @@ class MergeJob:
     arch: str
 
 
-def merge_recipe(inputs: Sequence[MergeInput], options: MergeOptions, arch: str) -> dict:
+def merge_recipe(inputs: Sequence[MergeInput], options: MergeOptions, arch: str, entries: list[dict]) -> dict:
     return {
         "tool": "sd-webui-lora-merger", "version": __version__, "arch": arch,
         "mode": options.mode, "rank": options.rank, "threshold": options.threshold, "clamp": options.clamp,
-        "dtype": short_dtype(options.dtype),
-        "inputs": [{"file": i.lora.path.name if i.lora.path else i.lora.name, "hash": lora_hash(i.lora),
-                    "unet": i.unet, "te": i.te_strength, **i.recipe} for i in inputs],
+        "dtype": short_dtype(options.dtype), "inputs": entries,
     }
 
 
@@ -71,10 +102,13 @@ def merge_to_file(inputs: Sequence[MergeInput], options: MergeOptions, out: str 
                   overwrite: bool = False, progress: Progress | None = None,
                   notes: Sequence[str] = ()) -> MergeJob:
     """Merge already-read inputs and write the result atomically (nothing is written on failure)."""
-    out = check_output(out, overwrite)
+    notes = list(notes)
+    out = start_output(out, overwrite, notes)
+    hashes = input_hashes([i.lora for i in inputs])
     result = merge_loras(inputs, options, progress)
-    result.report.notes[:0] = list(notes)
-    recipe = merge_recipe(inputs, options, result.arch)
+    entries, hash_notes = input_entries(inputs, hashes)
+    result.report.notes[:0] = notes + hash_notes
+    recipe = merge_recipe(inputs, options, result.arch, entries)
     meta = {RECIPE_KEY: json.dumps(recipe, ensure_ascii=False, sort_keys=True)}
     saved = save_lora(result.modules, out, dtype=options.dtype, arch=result.arch, metadata=meta, overwrite=overwrite)
     return MergeJob(path=saved.path, report=result.report, metadata=saved.metadata, arch=result.arch)
@@ -91,11 +125,15 @@ class LoraSpec:
     x: float = 1.0
 
 
-def specs_from_prompt(prompt: str, lora_dirs: Sequence[str | os.PathLike]) -> list[LoraSpec]:
-    """``<lora:NAME:TE[:UNET][:lbw=…][:x=…]>`` tags → specs, names resolved as A1111 resolves them."""
+def specs_from_prompt(prompt: str, lora_dirs: Sequence[str | os.PathLike],
+                      notes: list[str] | None = None) -> list[LoraSpec]:
+    """``<lora:NAME:TE[:UNET][:lbw=…][:x=…]>`` tags → specs, names resolved as A1111 resolves them.
+
+    Unreadable files skipped during the lookup are listed in ``notes``.
+    """
     if not lora_dirs:
         raise LoraMergeError("a prompt needs a LoRA folder to find the files in (--lora-dir)")
-    return [LoraSpec(find_lora(t.name, list(lora_dirs)), unet=t.unet, te=t.te, lbw=t.lbw, x=t.x)
+    return [LoraSpec(find_lora(t.name, list(lora_dirs), notes), unet=t.unet, te=t.te, lbw=t.lbw, x=t.x)
             for t in parse_prompt(prompt)]
 
 
@@ -139,23 +177,26 @@ def bake_to_file(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], ou
                  allow_unmatched: bool = False, progress: Progress | None = None,
                  notes: Sequence[str] = ()) -> BakeJob:
     """Bake the inputs into ``checkpoint`` and write ``out`` atomically, with a recipe in its metadata."""
-    out = check_output(out, overwrite)
+    notes = list(notes)
+    out = start_output(out, overwrite, notes)
     ckpt = Path(checkpoint)
+    hashes = input_hashes([i.lora for i in inputs])
+    hash_notes: list[str] = []
 
-    def recipe(checkpoint_sha256: str) -> dict[str, str]:
+    def recipe(checkpoint_sha256: str, final: bool = True) -> dict[str, str]:
+        entries, found = input_entries(inputs, hashes, placeholder=not final)
+        hash_notes[:] = found
         data = {
             "tool": "sd-webui-lora-merger", "version": __version__, "type": "bake",
-            "checkpoint": {"file": ckpt.name, "sha256": checkpoint_sha256},
-            "dtype": "keep" if dtype is None else short_dtype(dtype),
-            "inputs": [{"file": i.lora.path.name if i.lora.path else i.lora.name, "hash": lora_hash(i.lora),
-                        "unet": i.unet, "te": i.te_strength, **i.recipe} for i in inputs],
+            "checkpoint": {"file": display_path(ckpt.name), "sha256": checkpoint_sha256},
+            "dtype": "keep" if dtype is None else short_dtype(dtype), "inputs": entries,
         }
         return {RECIPE_KEY: json.dumps(data, ensure_ascii=False, sort_keys=True)}
 
     report, written = bake(ckpt, inputs, out, dtype=dtype, device=device, overwrite=overwrite,
                            allow_unmatched=allow_unmatched, progress=progress,
-                           metadata=recipe("0" * 64), finalize=recipe)
-    report.notes[:0] = list(notes)
+                           metadata=recipe("0" * 64, final=False), finalize=recipe)
+    report.notes[:0] = notes + hash_notes
     return BakeJob(path=out, report=report, metadata=written)
 
 

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from .errors import LoraMergeError
+from .errors import LoraMergeError, display_path
 
 LINEAR = "linear"
 CONV1X1 = "conv1x1"
@@ -192,7 +192,8 @@ class LoraModel:
 
     @property
     def name(self) -> str:
-        return self.path.stem if self.path else "<memory>"
+        """The file's name without suffix, printable (bytes that are not UTF-8 shown as \\xNN)."""
+        return display_path(self.path.stem) if self.path else "<memory>"
 
     def ranks(self) -> list[int]:
         return sorted({m.rank for m in self.modules.values()})

@@ -64,8 +64,9 @@ class Target:
 class CheckpointLayout:
     """Module name → Target for one checkpoint."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+    def __init__(self, shapes: dict[str, tuple[int, ...]], non_float: set[str] | frozenset[str] = frozenset()):
         self.shapes = shapes
+        self.non_float = non_float  # integer / bool tensors: never patched
         self.arch = checkpoint_arch(list(shapes))
         self._unet = self._index(UNET)
         self._clip: dict[str, dict[str, str]] = {}

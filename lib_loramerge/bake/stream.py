@@ -8,20 +8,18 @@ tensors that are not floating point are always copied as they are.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from ..blocks.layouts import IDS_26
 from ..blocks.mapping import block_of
 from ..errors import LoraMergeError
+from ..formats.hashing import BackgroundHashes
 from ..formats.safetensors_io import TensorSpec, write_safetensors
 from ..formats.tensorfile import TensorFile, open_tensor_file
 from ..model import NetworkModule
@@ -65,32 +63,6 @@ class _Patch:
         return self.multiplier * self.ratio
 
 
-class _FileHasher(threading.Thread):
-    """sha256 of a whole file (A1111's checkpoint hash), on the other core while the bake runs."""
-
-    def __init__(self, path: Path):
-        super().__init__(daemon=True)
-        self.path = path
-        self.digest = ""
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            h = hashlib.sha256()
-            with open(self.path, "rb") as f:
-                for chunk in iter(lambda: f.read(8 << 20), b""):
-                    h.update(chunk)
-            self.digest = h.hexdigest()
-        except BaseException as e:  # reported when joined
-            self.error = e
-
-    def result(self) -> str:
-        self.join()
-        if self.error:
-            raise LoraMergeError(f"cannot hash the checkpoint ({self.error})", self.path)
-        return self.digest
-
-
 def plan_patches(layout: CheckpointLayout, inputs: Sequence[MergeInput], report: BakeReport,
                  ) -> dict[str, list[_Patch]]:
     """Checkpoint key → the module updates to add, in input order; unmatched modules go to the report."""
@@ -103,6 +75,8 @@ def plan_patches(layout: CheckpointLayout, inputs: Sequence[MergeInput], report:
                 continue
             target = layout.target(name)
             why = "no such layer in the checkpoint" if target is None else fit_problem(module.weight_shape, target)
+            if not why and target.key in layout.non_float:
+                why = f"the checkpoint's {target.key} is not a floating-point tensor"
             if not why and module.algo == "dora" and math.prod(module.weight_shape) != math.prod(target.weight_shape):
                 why = f"a DoRA module on a padded layer ({target.key}) is not supported"
             if why:
@@ -162,7 +136,8 @@ def bake(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], out: str |
         raise LoraMergeError("nothing to bake: no LoRAs given")
     with open_tensor_file(checkpoint) as tf:
         try:
-            layout = CheckpointLayout({k: i.shape for k, i in tf.infos.items()})
+            layout = CheckpointLayout({k: i.shape for k, i in tf.infos.items()},
+                                      non_float={k for k, i in tf.infos.items() if not i.dtype.is_floating_point})
         except LoraMergeError as e:
             raise e.with_path(tf.path) from None
         lora_arch = common_arch(inputs)
@@ -177,38 +152,40 @@ def bake(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], out: str |
                                  f"(first: {lora}: {module}: {why}); use --allow-unmatched to bake the rest")
         if not patches:
             raise LoraMergeError("no LoRA module matches a layer of this checkpoint; nothing to bake", tf.path)
-        hasher = _FileHasher(tf.path)
-        hasher.start()
-        specs = _specs(tf, patches, dtype, dev, progress)
+        hasher = BackgroundHashes([tf.path], whole=True)
+        specs = _specs(tf, patches, dtype, dev)
         meta = {**tf.metadata, **(metadata or {})}
         late = (lambda: finalize(hasher.result())) if finalize else None
         # three things overlap: this thread writes, a prefetch thread computes W + ΔW, the hasher
         # hashes; torch keeps to one thread so none of them waits on a busy core
         try:
             with torch_threads(1 if dev.type == "cpu" else torch.get_num_threads()):
-                written = write_safetensors(out, specs, meta, overwrite=overwrite, finalize=late, prefetch=2)
+                written = write_safetensors(out, specs, meta, overwrite=overwrite, finalize=late, prefetch=2,
+                                            progress=progress)
         finally:
             hasher.join()
     report.seconds = time.perf_counter() - started
     return report, written
 
 
-def _specs(tf: TensorFile, patches: dict[str, list[_Patch]], dtype: torch.dtype | None, device: torch.device,
-           progress: Progress | None) -> list[TensorSpec]:
-    total = len(tf.infos)
-    done = [0]
-
-    def producer(key: str) -> Callable[[], torch.Tensor]:
-        def make() -> torch.Tensor:
-            tensor = patched_tensor(tf, key, patches[key], device) if key in patches else tf.get(key)
-            done[0] += 1
-            if progress:
-                progress(done[0], total, key)
-            return tensor
-        return make
-
+def _specs(tf: TensorFile, patches: dict[str, list[_Patch]], dtype: torch.dtype | None,
+           device: torch.device) -> list[TensorSpec]:
+    """What to write for every checkpoint tensor: patched (computed, checked), cast, or copied as bytes."""
     specs = []
     for key, info in tf.infos.items():
         out_dtype = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
-        specs.append(TensorSpec(key, out_dtype, info.shape, producer(key)))
+        if key in patches:
+            specs.append(TensorSpec(key, out_dtype, info.shape, _patcher(tf, key, patches[key], device), check="result"))
+        elif out_dtype == info.dtype and (raw := tf.byte_range(key)) is not None:
+            specs.append(TensorSpec(key, out_dtype, info.shape, raw))  # copied by the kernel, never read here
+        else:
+            specs.append(TensorSpec(key, out_dtype, info.shape, _reader(tf, key), check="cast"))
     return specs
+
+
+def _patcher(tf: TensorFile, key: str, patches: list[_Patch], device: torch.device) -> Callable[[], torch.Tensor]:
+    return lambda: patched_tensor(tf, key, patches, device)
+
+
+def _reader(tf: TensorFile, key: str) -> Callable[[], torch.Tensor]:
+    return lambda: tf.get(key)

@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LoraMergeError
+from ..checks import as_strength
+from ..errors import LoraMergeError, display_path
 
 _TAG = re.compile(r"<(lora|lyco):([^>]+)>")
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
@@ -33,10 +34,14 @@ class LoraTag:
 
 def _number(value: str, what: str, tag: str) -> float:
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         hint = " (a block-weight preset goes in lbw=NAME)" if what == "UNet strength" else ""
         raise LoraMergeError(f"{tag}: {what} '{value}' is not a number{hint}") from None
+    try:
+        return as_strength(number, what)
+    except LoraMergeError as e:
+        raise LoraMergeError(f"{tag}: {e.reason}") from None
 
 
 def parse_tag(text: str, body: str) -> LoraTag:
@@ -74,27 +79,39 @@ def parse_prompt(prompt: str) -> list[LoraTag]:
     return tags
 
 
-def _alias(path: Path) -> str | None:
+def _alias(path: Path, unreadable: list[str]) -> str | None:
     from ..formats.safetensors_io import read_header
 
     if path.suffix.lower() != ".safetensors":
         return None
     try:
         return read_header(path).metadata.get("ss_output_name")
-    except (LoraMergeError, OSError):
-        return None
+    except LoraMergeError as e:  # an unrelated broken file must not stop the lookup: skip it, say so
+        unreadable.append(str(e))
+    except OSError as e:
+        unreadable.append(f"{display_path(path)}: {e.strerror or e}")
+    return None
 
 
-def find_lora(name: str, folders: list[str | os.PathLike]) -> Path:
-    """The file A1111 would pick for ``name``: by file name (without suffix) or by ``ss_output_name`` alias."""
+def find_lora(name: str, folders: list[str | os.PathLike], notes: list[str] | None = None) -> Path:
+    """The file A1111 would pick for ``name``: by file name (without suffix) or by ``ss_output_name`` alias.
+
+    Files whose header cannot be read are skipped while looking for an alias; they are listed in
+    ``notes`` (and in the error when nothing is found).
+    """
     files = [p for folder in folders for p in sorted(Path(folder).rglob("*"))
              if p.suffix.lower() in LORA_SUFFIXES and p.is_file()]
     by_name = [p for p in files if p.stem == name or p.with_suffix("").as_posix().endswith("/" + name)]
+    unreadable: list[str] = []
     if not by_name:
-        by_name = [p for p in files if _alias(p) == name]
+        by_name = [p for p in files if _alias(p, unreadable) == name]
+    if unreadable and notes is not None:
+        notes.append(f"looking up '{name}': skipped {len(unreadable)} unreadable file"
+                     f"{'s' if len(unreadable) > 1 else ''} ({unreadable[0]})")
     if len(by_name) == 1:
         return by_name[0]
-    where = ", ".join(str(f) for f in folders)
+    where = ", ".join(display_path(f) for f in folders)
     if not by_name:
-        raise LoraMergeError(f"no LoRA named '{name}' in {where} (by file name or ss_output_name alias)")
-    raise LoraMergeError(f"LoRA name '{name}' is ambiguous: {', '.join(str(p) for p in by_name)}")
+        skipped = f"; {len(unreadable)} unreadable files skipped (e.g. {unreadable[0]})" if unreadable else ""
+        raise LoraMergeError(f"no LoRA named '{name}' in {where} (by file name or ss_output_name alias){skipped}")
+    raise LoraMergeError(f"LoRA name '{name}' is ambiguous: {', '.join(display_path(p) for p in by_name)}")

@@ -11,6 +11,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from ..checks import as_strength
 from ..errors import LoraMergeError
 from .layouts import LAYOUTS, LENGTHS_FOR_ARCH, check_length, expand
 from .mapping import block_of
@@ -29,12 +30,13 @@ def resolve_token(token: str, x: float, rng: random.Random) -> float:
         if m is None:
             raise LoraMergeError(f"bad block weight '{token}' (X, X+d or X-d)")
         if m[1] is None:
-            return x
-        return x + float(m[2]) if m[1] == "+" else x - float(m[2])
+            return as_strength(x, "x")
+        return as_strength(x + float(m[2]) if m[1] == "+" else x - float(m[2]), f"block weight '{token}'")
     try:
-        return float(token)
+        value = float(token)
     except ValueError:
         raise LoraMergeError(f"bad block weight '{token}' (a number, R, U, X, X+d or X-d)") from None
+    return as_strength(value, f"block weight '{token}'")
 
 
 @dataclass

@@ -20,6 +20,9 @@ from .tensorfile import TensorFile, open_tensor_file
 from .unsupported import not_a_lora_reason, unsupported_format_reason
 
 ADAPTERS: tuple[FormatAdapter, ...] = (KohyaAdapter(), DiffusersAdapter())
+# the largest real LoRAs (full-layer LyCORIS on SDXL, every Flux layer with both text encoders)
+# have a few thousand modules; far more is a file built to make every job slow
+MAX_MODULES = 20_000
 
 
 def read_lora(path: str | os.PathLike, *, lazy: bool = False) -> LoraModel:
@@ -50,6 +53,9 @@ def _read(tf: TensorFile, lazy: bool) -> LoraModel:
     if len(adapters) > 1:
         raise LoraMergeError(f"mixes key formats ({' and '.join(sorted(adapters))}) in one file", tf.path)
     groups = _group(matches, tf)
+    if len(groups) > MAX_MODULES:
+        raise LoraMergeError(f"{len(groups)} modules: more than any real LoRA has (the limit is {MAX_MODULES}); "
+                             "refused", tf.path)
     modules: dict[str, NetworkModule] = {}
     notes: list[str] = []
     alpha_only = []

@@ -18,7 +18,6 @@ import math
 import os
 import queue
 import struct
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LoraMergeError
+from .atomic import discard, new_file_mode, publish, temp_path
 
 # safetensors dtype names, in the order of the library's own enum: the writer sorts tensors by
 # this order (descending), then by name, exactly as safetensors.torch.save does, so that a file
@@ -86,80 +86,193 @@ class Header:
 
 
 def read_header(path: str | os.PathLike) -> Header:
-    """Parse and validate a safetensors header; raise a one-line LoraMergeError when it is not one."""
+    """Parse and validate a safetensors header; raise a one-line LoraMergeError when it is not one.
+
+    Besides the syntax, the format's own rule is enforced: the tensors' byte ranges, sorted by
+    offset, tile the data section exactly (no overlap, no gap, nothing after the last one). A
+    header whose entries share bytes would let a small file pose as a large one, so that every
+    job reading it does work (and writes output) out of all proportion to its size.
+    """
     path = Path(path)
-    size = path.stat().st_size
-    if size < 8:
-        raise LoraMergeError(f"not a safetensors file ({size} bytes, too short for a header)", path)
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > MAX_HEADER_BYTES or n < 2:
-            raise LoraMergeError("not a safetensors file (its first 8 bytes are not a header length)", path)
-        if n > size - 8:
-            raise LoraMergeError(
-                f"truncated or not a safetensors file (header of {n} bytes, file of {size} bytes)", path)
-        raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise LoraMergeError("not a safetensors file (the header is not JSON)", path) from None
-    if not isinstance(header, dict):
-        raise LoraMergeError("not a safetensors file (the header is not a JSON object)", path)
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise LoraMergeError(f"not a safetensors file ({size} bytes, too short for a header)", path)
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_BYTES or n < 2:
+                raise LoraMergeError("not a safetensors file (its first 8 bytes are not a header length)", path)
+            if n > size - 8:
+                raise LoraMergeError(
+                    f"truncated or not a safetensors file (header of {n} bytes, file of {size} bytes)", path)
+            raw = f.read(n)
+    except OSError as e:
+        raise LoraMergeError(f"cannot read the file ({e.strerror or e})", path) from None
+    header = _parse_json(raw, path)
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise LoraMergeError("corrupt safetensors header (__metadata__ must map names to strings)", path)
+    for key, value in metadata.items():
+        _check_text(key, "metadata key", path)
+        _check_text(value, f"metadata value of '{_shown(key)}'", path)
     data_size = size - 8 - n
     entries: dict[str, HeaderEntry] = {}
     for name, info in header.items():
-        entries[name] = _parse_entry(name, info, data_size, path)
+        _check_text(name, "tensor name", path)
+        entries[name] = _parse_entry(name, info, path)
+    _check_tiling(entries, data_size, path)
     return Header(entries=entries, metadata=dict(metadata), data_start=8 + n, file_size=size)
 
 
-def _parse_entry(name: str, info: object, data_size: int, path: Path) -> HeaderEntry:
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_json(raw: bytes, path: Path) -> dict:
     try:
-        dtype = info["dtype"]  # type: ignore[index]
-        shape = tuple(int(d) for d in info["shape"])  # type: ignore[index]
-        begin, end = (int(o) for o in info["data_offsets"])  # type: ignore[index]
-    except (TypeError, KeyError, ValueError):
-        raise LoraMergeError(f"corrupt safetensors header (bad entry for tensor '{name}')", path) from None
-    if dtype not in _ITEMSIZE or any(d < 0 for d in shape):
-        raise LoraMergeError(f"corrupt safetensors header (tensor '{name}': dtype {dtype}, shape {list(shape)})", path)
-    expected = math.prod(shape) * _ITEMSIZE[dtype]
-    if end - begin != expected or begin < 0:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError):
+        raise LoraMergeError("not a safetensors file (the header is not JSON)", path) from None
+    except RecursionError:
+        raise LoraMergeError("corrupt safetensors header (JSON nested too deeply)", path) from None
+    if not isinstance(header, dict):
+        raise LoraMergeError("not a safetensors file (the header is not a JSON object)", path)
+    return header
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    """A name from a file, safe to print (lone surrogates and control characters escaped)."""
+    safe = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    safe = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in safe)
+    return safe if len(safe) <= limit else safe[:limit] + "…"
+
+
+def _check_text(text: str, what: str, path: Path) -> None:
+    """JSON may spell lone UTF-16 surrogates (\\ud800); no UTF-8 file can hold them, and the reference
+    reader refuses them: so do we, rather than fail later writing them out."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LoraMergeError(f"corrupt safetensors header ({what} '{_shown(text)}' is not valid Unicode)", path) from None
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _parse_entry(name: str, info: object, path: Path) -> HeaderEntry:
+    shown = _shown(name)
+    if not isinstance(info, dict):
+        raise LoraMergeError(f"corrupt safetensors header (bad entry for tensor '{shown}')", path)
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if (not isinstance(dtype, str) or not isinstance(shape, list) or not isinstance(offsets, list)
+            or len(offsets) != 2):
+        raise LoraMergeError(f"corrupt safetensors header (bad entry for tensor '{shown}')", path)
+    if not all(_is_int(d) for d in (*shape, *offsets)):
+        raise LoraMergeError(f"corrupt safetensors header (tensor '{shown}': shape {shape} and offsets {offsets} "
+                             "must be whole numbers)", path)
+    shape_t, (begin, end) = tuple(shape), offsets
+    if dtype not in _ITEMSIZE or any(d < 0 for d in shape_t):
+        raise LoraMergeError(f"corrupt safetensors header (tensor '{shown}': dtype {_shown(dtype)}, shape {shape})", path)
+    expected = math.prod(shape_t) * _ITEMSIZE[dtype]
+    if begin < 0 or end - begin != expected:
         raise LoraMergeError(
-            f"corrupt safetensors header (tensor '{name}' has {end - begin} bytes, its shape needs {expected})", path)
-    if end > data_size:
+            f"corrupt safetensors header (tensor '{shown}' has {end - begin} bytes, its shape needs {expected})", path)
+    return HeaderEntry(dtype, shape_t, begin, end)
+
+
+def _check_tiling(entries: dict[str, HeaderEntry], data_size: int, path: Path) -> None:
+    position = 0
+    for name, e in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if e.begin < position:
+            raise LoraMergeError(f"corrupt safetensors header (tensor '{_shown(name)}' overlaps the bytes of another "
+                                 f"tensor at data offset {e.begin})", path)
+        if e.begin > position:
+            raise LoraMergeError(f"corrupt safetensors header ({e.begin - position} bytes before tensor "
+                                 f"'{_shown(name)}' belong to no tensor)", path)
+        position = e.end
+    if position > data_size:
+        last = max(entries, key=lambda k: entries[k].end)
         raise LoraMergeError(
-            f"truncated file: tensor '{name}' ends at data byte {end} but the file holds {data_size}", path)
-    return HeaderEntry(dtype, shape, begin, end)
+            f"truncated file: tensor '{_shown(last)}' ends at data byte {position} but the file holds {data_size}", path)
+    if position < data_size:
+        raise LoraMergeError(f"corrupt safetensors file ({data_size - position} bytes after the last tensor "
+                             "belong to no tensor)", path)
 
 
 # ----------------------------------------------------------------------------------------------
 # Writing
 
 
+@dataclass(frozen=True)
+class ByteRange:
+    """Raw tensor bytes to copy unchanged from another file (same dtype and shape in and out)."""
+
+    path: Path
+    offset: int  # absolute offset in ``path``
+    nbytes: int
+
+
 @dataclass
 class TensorSpec:
-    """A tensor to write: its final dtype and shape, and either the tensor or a function making it.
+    """A tensor to write: its final dtype and shape, and the tensor, a function making it, or raw bytes.
 
     A producer is called once, when the writer reaches the tensor, so a caller can stream a
-    checkpoint without holding all of it. The tensor it returns is cast to ``dtype``.
+    checkpoint without holding all of it; the tensor it returns is cast to ``dtype``. A
+    :class:`ByteRange` is copied from its file by the kernel, never through Python objects.
+    ``check``: ``"result"`` refuses to write a tensor holding NaN/Inf once cast (a computed
+    result); ``"cast"`` refuses only values the cast made infinite (an input's own NaN passes).
     """
 
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    source: torch.Tensor | Callable[[], torch.Tensor]
+    source: torch.Tensor | Callable[[], torch.Tensor] | ByteRange
+    check: str = ""
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * _ITEMSIZE[dtype_name(self.dtype)]
 
+    @property
+    def is_copy(self) -> bool:
+        return isinstance(self.source, ByteRange)
+
     def materialize(self) -> torch.Tensor:
+        if isinstance(self.source, ByteRange):
+            return _read_range(self.source, self.dtype, self.shape)
         t = self.source() if callable(self.source) else self.source
         if tuple(t.shape) != tuple(self.shape):
             raise LoraMergeError(f"internal: tensor {self.name} has shape {list(t.shape)}, expected {list(self.shape)}")
-        return t.detach().to(device="cpu", dtype=self.dtype).contiguous()
+        out = t.detach().to(device="cpu", dtype=self.dtype).contiguous()
+        if self.check and out.is_floating_point() and not _finite(out):
+            if _finite(t):
+                raise LoraMergeError(f"values beyond the range of {short_dtype_name(self.dtype)} (lower the strengths, or "
+                                     "save as fp32 or bf16); nothing was written", module=self.name)
+            if self.check == "result":
+                raise LoraMergeError("the result holds NaN or Inf values; nothing was written", module=self.name)
+        return out
+
+
+def _finite(t: torch.Tensor) -> bool:
+    # NaN and ±Inf propagate into a sum; float64 accumulation cannot overflow for finite fp16/bf16/fp32 data
+    return t.numel() == 0 or math.isfinite(float(t.sum(dtype=torch.float64)))
+
+
+def short_dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
+
+
+def _read_range(r: ByteRange, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    buf = bytearray(r.nbytes)
+    with open(r.path, "rb") as f:
+        f.seek(r.offset)
+        if f.readinto(buf) != r.nbytes:
+            raise LoraMergeError("truncated file: a tensor is incomplete", r.path)
+    if not buf:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 def spec_of(name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> TensorSpec:
@@ -186,7 +299,12 @@ def header_bytes(specs: list[TensorSpec], metadata: Mapping[str, str] | None) ->
         header[s.name] = {"dtype": dtype_name(s.dtype), "shape": list(s.shape),
                           "data_offsets": [offset, offset + s.nbytes]}
         offset += s.nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False)
+    try:
+        raw = text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate, e.g. from a file name that is not UTF-8
+        bad = text[max(0, e.start - 40):e.end + 10].encode("utf-8", "backslashreplace").decode()
+        raise LoraMergeError(f"internal: metadata or a tensor name is not valid Unicode (near '{bad}')") from None
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
 
@@ -201,33 +319,49 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
-def iter_data(specs: list[TensorSpec], prefetch: int = 0) -> Iterator[tuple[TensorSpec, memoryview]]:
-    """Each spec with its bytes; with ``prefetch`` > 0 a thread makes up to that many tensors ahead,
-    so producing the next tensor overlaps with writing this one."""
+Payload = memoryview | ByteRange
+
+
+def iter_data(specs: list[TensorSpec], prefetch: int = 0, *, raw_copies: bool = False
+              ) -> Iterator[tuple[TensorSpec, Payload]]:
+    """Each spec with its bytes, in order.
+
+    ``raw_copies``: a :class:`ByteRange` spec comes back as the range itself (for the caller to
+    copy), otherwise as its bytes. With ``prefetch`` > 0 a thread makes up to that many of the
+    other tensors ahead, so producing the next patched tensor overlaps with writing (or copying)
+    everything before it.
+    """
+    def passes_through(s: TensorSpec) -> bool:
+        return raw_copies and s.is_copy
+
     if prefetch <= 0:
         for s in specs:
-            yield s, tensor_bytes(s.materialize())
+            yield s, (s.source if passes_through(s) else tensor_bytes(s.materialize()))  # type: ignore[misc]
         return
+    made = [s for s in specs if not passes_through(s)]
     ready: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
 
     def produce() -> None:
         try:
-            for s in specs:
+            for s in made:
                 if stop.is_set():
                     return
-                ready.put((s, tensor_bytes(s.materialize()), None))
+                ready.put((tensor_bytes(s.materialize()), None))
         except BaseException as e:  # handed to the consumer, raised there
-            ready.put((None, None, e))
+            ready.put((None, e))
 
     worker = threading.Thread(target=produce, name="safetensors-prefetch", daemon=True)
     worker.start()
     try:
-        for _ in specs:
-            spec, data, error = ready.get()
+        for s in specs:
+            if passes_through(s):
+                yield s, s.source  # type: ignore[misc]
+                continue
+            data, error = ready.get()
             if error is not None:
                 raise error
-            yield spec, data
+            yield s, data
     finally:
         stop.set()
         while worker.is_alive():  # unblock a producer waiting on a full queue
@@ -273,7 +407,7 @@ def sshs_hashes(specs: Iterable[TensorSpec], metadata: Mapping[str, str]) -> tup
     specs = ordered(specs)
     tap = _HashTap(specs, metadata)
     for _, data in iter_data(specs):
-        tap.feed(data)
+        tap.feed(data)  # type: ignore[arg-type]
     d = tap.digests()
     return d[MODEL_HASH_KEY], d[LEGACY_HASH_KEY]
 
@@ -281,16 +415,18 @@ def sshs_hashes(specs: Iterable[TensorSpec], metadata: Mapping[str, str]) -> tup
 def write_safetensors(path: str | os.PathLike, specs: Iterable[TensorSpec],
                       metadata: Mapping[str, str] | None = None, *, overwrite: bool = False,
                       sshs: bool = False, finalize: Callable[[], Mapping[str, str]] | None = None,
-                      progress: Callable[[int, int], None] | None = None, prefetch: int = 0) -> dict[str, str]:
+                      progress: Callable[[int, int, str], None] | None = None, prefetch: int = 0) -> dict[str, str]:
     """Write a safetensors file atomically: a temp file in the target folder, fsync, rename.
 
-    Tensors are produced, cast and written one at a time. Metadata known only once the data is
-    written goes in last, into a header of unchanged length: with ``sshs`` the kohya hashes,
-    computed over the bytes as they go out; with ``finalize``, the values it returns (each
-    replacing a placeholder of the same length already in ``metadata``). An existing file is
-    replaced only with ``overwrite``; on any failure the temp file is removed and nothing is
-    left behind. ``progress(done_bytes, total_bytes)`` is called after each tensor; ``prefetch``
-    makes tensors ahead in a thread (see :func:`iter_data`). Returns the metadata written.
+    Tensors are produced, cast and written one at a time; :class:`ByteRange` tensors are copied
+    by the kernel from their file. Metadata known only once the data is written goes in last,
+    into a header of unchanged length: with ``sshs`` the kohya hashes, computed over the bytes as
+    they go out; with ``finalize``, the values it returns (each replacing a placeholder of the
+    same length already in ``metadata``). An existing file is replaced only with ``overwrite``
+    (keeping its permissions; a new file gets the umask's); on any failure, or SIGINT/SIGTERM in
+    the CLI, the temp file is removed and nothing is left behind. ``progress(done, total, name)``
+    is called after each tensor (it may raise to stop the job); ``prefetch`` makes tensors ahead
+    in a thread (see :func:`iter_data`). Returns the metadata written.
     """
     path = Path(path)
     check_writable_target(path, overwrite)
@@ -301,38 +437,121 @@ def write_safetensors(path: str | os.PathLike, specs: Iterable[TensorSpec],
         meta[MODEL_HASH_KEY], meta[LEGACY_HASH_KEY] = "0" * 64, "0" * 8  # placeholders of the final length
         tap = _HashTap(specs, meta)
     head = header_bytes(specs, meta)
-    total = sum(s.nbytes for s in specs)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
+    mode = new_file_mode(path, overwrite)
+    tmp = temp_path(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(head)
-            done = 0
-            for spec, data in iter_data(specs, prefetch):
-                if len(data) != spec.nbytes:
-                    raise LoraMergeError(f"internal: {spec.name} gave {len(data)} bytes, expected {spec.nbytes}")
-                f.write(data)
-                if tap:
-                    tap.feed(data)
-                done += len(data)
-                if progress:
-                    progress(done, total)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+        try:
+            copier = _RangeCopier(fd)
+            try:
+                _write_all(fd, memoryview(head))
+                for done, (spec, data) in enumerate(iter_data(specs, prefetch, raw_copies=tap is None), 1):
+                    if isinstance(data, ByteRange):
+                        copier.copy(data)
+                    else:
+                        if len(data) != spec.nbytes:
+                            raise LoraMergeError(f"internal: {spec.name} gave {len(data)} bytes, expected {spec.nbytes}")
+                        _write_all(fd, data)
+                        if tap:
+                            tap.feed(data)
+                    if progress:
+                        progress(done, len(specs), spec.name)
+            finally:
+                copier.close()
             if tap or finalize:
                 meta.update(tap.digests() if tap else {})
                 meta.update(finalize() if finalize else {})
                 final = header_bytes(specs, meta)
                 if len(final) != len(head):
                     raise LoraMergeError("internal: late metadata changed the header length")
-                f.seek(0)
-                f.write(final)
-            f.flush()
-            os.fsync(f.fileno())
+                os.lseek(fd, 0, os.SEEK_SET)
+                _write_all(fd, memoryview(final))
+            if os.name != "nt":
+                os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         publish(tmp, path, overwrite)
+    except OSError as e:
+        discard(tmp)
+        raise LoraMergeError(f"cannot write the output ({e.strerror or e})", path) from None
     except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        discard(tmp)
         raise
     return meta
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        n = os.write(fd, data)
+        data = data[n:]
+
+
+class _RangeCopier:
+    """Copies byte ranges of other files to the output's current position, kernel-side when it can.
+
+    ``os.copy_file_range`` (Linux; may even share the blocks), else ``os.sendfile``, else reads
+    into one reusable buffer: the bytes never become Python objects.
+    """
+
+    CHUNK = 64 << 20
+
+    def __init__(self, out_fd: int):
+        self.out_fd = out_fd
+        self.sources: dict[Path, int] = {}
+        self.method = "copy_file_range" if hasattr(os, "copy_file_range") else "sendfile" if hasattr(
+            os, "sendfile") and os.name != "nt" and os.uname().sysname == "Linux" else "read"
+        self.buffer: bytearray | None = None
+
+    def _source(self, path: Path) -> int:
+        if path not in self.sources:
+            self.sources[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        return self.sources[path]
+
+    def copy(self, r: ByteRange) -> None:
+        src = self._source(r.path)
+        offset, left = r.offset, r.nbytes
+        while left:
+            n = self._copy_some(src, offset, min(left, self.CHUNK))
+            if n == 0:
+                raise LoraMergeError("truncated file: a tensor is incomplete", r.path)
+            offset += n
+            left -= n
+
+    def _copy_some(self, src: int, offset: int, count: int) -> int:
+        if self.method == "copy_file_range":
+            try:
+                return os.copy_file_range(src, self.out_fd, count, offset)
+            except OSError as e:  # across file systems on old kernels, or not supported here
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                    raise
+                self.method = "sendfile" if hasattr(os, "sendfile") and os.name != "nt" else "read"
+        if self.method == "sendfile":
+            try:
+                return os.sendfile(self.out_fd, src, offset, count)
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                self.method = "read"
+        if self.buffer is None:
+            self.buffer = bytearray(self.CHUNK)
+        view = memoryview(self.buffer)[:count]
+        n = os.preadv(src, [view], offset) if hasattr(os, "preadv") else _pread_into(src, view, offset)
+        _write_all(self.out_fd, view[:n])
+        return n
+
+    def close(self) -> None:
+        for fd in self.sources.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.sources.clear()
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    os.lseek(fd, offset, os.SEEK_SET)
+    data = os.read(fd, len(view))
+    view[:len(data)] = data
+    return len(data)
 
 
 def check_writable_target(path: Path, overwrite: bool) -> None:
@@ -345,35 +564,6 @@ def check_writable_target(path: Path, overwrite: bool) -> None:
         raise LoraMergeError("output folder does not exist", path)
     if not os.access(path.parent, os.W_OK):
         raise LoraMergeError("output folder is not writable", path)
-
-
-def publish(tmp: Path, path: Path, overwrite: bool) -> None:
-    """Move a finished temp file into place; without ``overwrite`` never replace an existing file."""
-    if overwrite:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)  # atomic "create if absent", even if another process raced us
-    except FileExistsError:
-        raise LoraMergeError("output file appeared while writing; not overwritten", path) from None
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
-            raise
-        if path.exists():  # filesystems without hard links (FAT, some network shares)
-            raise LoraMergeError("output file appeared while writing; not overwritten", path) from None
-        os.rename(tmp, path)
-        return
-    tmp.unlink()
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def file_data_sha256(path: str | os.PathLike) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LoraMergeError
-from .safetensors_io import Header, read_header, torch_dtype
+from .safetensors_io import ByteRange, Header, read_header, torch_dtype
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".ckpt", ".pth", ".bin")
@@ -71,6 +72,13 @@ class TensorFile:
             return torch.empty(info.shape, dtype=info.dtype)
         return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
+    def byte_range(self, key: str) -> ByteRange | None:
+        """Where a tensor's raw bytes lie in the file (safetensors only), for copying it unchanged."""
+        if self.header is None:
+            return None
+        entry = self.header.entries[key]
+        return ByteRange(self.path, self.header.data_start + entry.begin, entry.end - entry.begin)
+
     def close(self) -> None:
         """Nothing stays open between reads; kept for the context-manager protocol."""
 
@@ -114,9 +122,41 @@ def open_tensor_file(path: str | os.PathLike) -> TensorFile:
         f"unsupported file type '{p.suffix or '(no suffix)'}' (expected .safetensors, or .pt/.ckpt)", p)
 
 
-def _open_pickle(p: Path) -> TensorFile:
+# slack for the pickle and the zip's own records beside the tensor data
+_PICKLE_SLACK = 1 << 20
+
+
+def check_pickle_archive(p: Path) -> None:
+    """Refuse a torch file whose loading could allocate far more than the file holds, before loading it.
+
+    torch.save writes a zip whose records are stored, not compressed: the tensors' bytes are the
+    file's bytes. A compressed record can declare gigabytes in a few kilobytes (torch would
+    allocate them all), and the old pre-zip format declares each storage's size in the pickle and
+    allocates it before reading: neither is something torch.save writes today.
+    """
+    if not zipfile.is_zipfile(p):
+        raise LoraMergeError("refused: an old (pre-zip, torch < 1.6) or unknown pickle format, whose tensor sizes "
+                             "cannot be checked before loading; re-save it with a current torch or as .safetensors", p)
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with zipfile.ZipFile(p) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise LoraMergeError(f"corrupt or truncated .pt file ({_short(e)})", p) from None
+    size = p.stat().st_size
+    declared = sum(r.file_size for r in records)
+    if declared > size + _PICKLE_SLACK:
+        packed = [r.filename for r in records if r.compress_type != zipfile.ZIP_STORED]
+        what = f"compressed records (e.g. '{packed[0]}')" if packed else "its records"
+        raise LoraMergeError(f"refused: {what} declare {declared} bytes in a file of {size} bytes "
+                             "(torch.save stores tensors uncompressed)", p)
+
+
+def _open_pickle(p: Path) -> TensorFile:
+    check_pickle_archive(p)
+    try:
+        with warnings.catch_warnings():  # torch warns on some refusals; the error line says it all
+            warnings.simplefilter("ignore")
+            obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
             raise LoraMergeError(

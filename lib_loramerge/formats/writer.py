@@ -44,10 +44,10 @@ def lora_tensor_specs(modules: Iterable[LoraModule], dtype: torch.dtype) -> list
         if not isinstance(m, LoraModule):  # LoHa / LoKr / DoRA: the writer writes kohya LoRA/LoCon only
             raise LoraMergeError(f"a {getattr(m, 'label', type(m).__name__)} module is written as LoRA/LoCon only "
                                  "after a merge (merge --mode concat converts it exactly)", module=m.name)
-        specs.append(TensorSpec(f"{m.name}.lora_up.weight", dtype, tuple(m.up.shape), m.up))
-        specs.append(TensorSpec(f"{m.name}.lora_down.weight", dtype, tuple(m.down.shape), m.down))
+        specs.append(TensorSpec(f"{m.name}.lora_up.weight", dtype, tuple(m.up.shape), m.up, check="result"))
+        specs.append(TensorSpec(f"{m.name}.lora_down.weight", dtype, tuple(m.down.shape), m.down, check="result"))
         if m.mid is not None:
-            specs.append(TensorSpec(f"{m.name}.lora_mid.weight", dtype, tuple(m.mid.shape), m.mid))
+            specs.append(TensorSpec(f"{m.name}.lora_mid.weight", dtype, tuple(m.mid.shape), m.mid, check="result"))
         if m.alpha is not None:
             specs.append(TensorSpec(f"{m.name}.alpha", torch.float32, (), torch.tensor(float(m.alpha))))
     return specs

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import sdlayouts
+from ..checks import as_strength
 from ..errors import LoraMergeError
+from ..formats.safetensors_io import short_dtype_name
 from ..lycoris import algorithm_label, is_lycoris, network_dim
 from ..model import LoraModel, LoraModule, NetworkModule, is_text_encoder
 from ..runtime import torch_threads
@@ -38,6 +41,14 @@ class MergeInput:
     te: float | None = None
     block_ratio: Callable[[str], float] | None = None
     recipe: dict = field(default_factory=dict)  # extra facts for the output's recipe (e.g. block weights)
+
+    def __post_init__(self) -> None:
+        where = self.lora.path or self.lora.name
+        try:
+            self.unet = as_strength(self.unet, "UNet strength")
+            self.te = None if self.te is None else as_strength(self.te, "TE strength")
+        except LoraMergeError as e:
+            raise e.with_path(where) from None
 
     @property
     def te_strength(self) -> float:
@@ -79,12 +90,17 @@ class MergeOptions:
 
 
 def check_device(device: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` as a torch.device; anything else (meta, mps, a typo) is refused."""
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise LoraMergeError(f"unknown device '{device}' (use cpu or cuda)") from None
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise LoraMergeError(f"unknown device '{device}' (use cpu or cuda)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LoraMergeError(f"device '{device}' requested but CUDA is not available here (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise LoraMergeError(f"device '{device}' does not exist ({torch.cuda.device_count()} CUDA devices here)")
     return dev
 
 
@@ -150,12 +166,28 @@ class _Part:
 
 
 def common_arch(inputs: Sequence[MergeInput]) -> str:
-    """The architecture all inputs share; different SD versions are refused before any work."""
+    """The architecture all inputs share; different SD versions are refused before any work.
+
+    An input whose architecture is unknown joins a known one only when every module it has is a
+    layer of that architecture (a small LoRA whose shapes tell nothing); otherwise the output
+    would be filed under a model most of it does not belong to.
+    """
     known = {i.lora.arch for i in inputs} - {"unknown"}
     if len(known) > 1:
         listing = ", ".join(f"{i.lora.name} is {i.lora.arch}" for i in inputs)
         raise LoraMergeError(f"cannot merge LoRAs for different models ({listing})")
-    return known.pop() if known else "unknown"
+    if not known:
+        return "unknown"
+    arch = known.pop()
+    for inp in inputs:
+        if inp.lora.arch != "unknown":
+            continue
+        foreign = next((n for n in inp.lora.modules if arch not in sdlayouts.layer_shapes(n)), None)
+        if foreign is not None:
+            raise LoraMergeError(f"its architecture is unknown and its module '{foreign}' is no layer of "
+                                 f"{arch.upper()}, which the other inputs are; cannot merge them",
+                                 inp.lora.path or inp.lora.name)
+    return arch
 
 
 def merge_loras(inputs: Sequence[MergeInput], options: MergeOptions,
@@ -305,8 +337,18 @@ def _output_module(name: str, ref: NetworkModule, up: torch.Tensor, down: torch.
     conv = len(ref.weight_shape) == 4
     up = up.reshape(ref.out_features, k, 1, 1) if conv else up
     down = down.reshape(k, ref.in_features, *ref.kernel_size) if conv else down.reshape(k, ref.in_features)
-    return LoraModule(name=name, up=up.to("cpu", dtype).contiguous(), down=down.to("cpu", dtype).contiguous(),
-                      alpha=alpha)
+    return LoraModule(name=name, up=_cast(up, dtype, name), down=_cast(down, dtype, name), alpha=alpha)
+
+
+def _cast(factor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """A factor in the output dtype, refusing values the cast turns into Inf (the writer checks the rest)."""
+    out = factor.to("cpu", dtype).contiguous()
+    if dtype != factor.dtype and not math.isfinite(float(out.sum(dtype=torch.float64))):
+        if math.isfinite(float(factor.sum(dtype=torch.float64))):
+            raise LoraMergeError(f"factors beyond the range of {short_dtype_name(dtype)} (lower the strengths, or "
+                                 "save as fp32 or bf16); nothing was written", module=name)
+        raise LoraMergeError("ΔW overflows float32 (strength × alpha / rank is too large)", module=name)
+    return out
 
 
 def _merge_module(name: str, parts: list[_Part], options: MergeOptions, rank_cap: int | None,
@@ -362,7 +404,12 @@ def _add(name: str, parts: list[_Part], factors: list[tuple[torch.Tensor, torch.
     return _output_module(name, parts[0].module, up, down, alphas[0], dtype)
 
 
-def _stacked_svd(parts: list[_Part], rank_cap: int | None, device: torch.device) -> tuple[FactorSVD, float, int, int]:
+def _overflow(name: str) -> LoraMergeError:
+    return LoraMergeError("ΔW overflows float32 (strength × alpha / rank is too large)", module=name)
+
+
+def _stacked_svd(name: str, parts: list[_Part], rank_cap: int | None, device: torch.device
+                 ) -> tuple[FactorSVD, float, int, int]:
     """(SVD of the module's ΔW, Σ‖Uᵢ‖‖Dᵢ‖ bound on ‖ΔW‖, stacked rank, rank cap) from the stacked factor pairs.
 
     One LoKr alone takes the Kronecker route: the SVDs of its two small sides, never a stack of
@@ -376,6 +423,8 @@ def _stacked_svd(parts: list[_Part], rank_cap: int | None, device: torch.device)
         svd = kron_svd(factor_svd(u1, d1), factor_svd(u2, d2), cap)
         svd = FactorSVD(left=math.copysign(1.0, p.scale) * svd.left, values=abs(p.scale) * svd.values, right=svd.right)
         magnitude = abs(p.scale) * math.prod(float(torch.linalg.norm(t)) for t in (u1, d1, u2, d2))
+        if not (math.isfinite(magnitude) and bool(torch.isfinite(svd.values).all())):
+            raise _overflow(name)
         return svd, magnitude, stacked, cap
     ups, downs = [], []
     for p in parts:
@@ -388,13 +437,16 @@ def _stacked_svd(parts: list[_Part], rank_cap: int | None, device: torch.device)
     cap = min(rank_cap or stacked, up.shape[0], down.shape[1], stacked)
     # ‖ΔW‖ ≤ Σ‖Uᵢ‖‖Dᵢ‖: singular values below fp32 rounding of that are noise (e.g. a LoRA minus itself)
     magnitude = sum(float(torch.linalg.norm(u)) * float(torch.linalg.norm(d)) for u, d in zip(ups, downs, strict=True))
+    if not math.isfinite(magnitude * magnitude):  # the Gram matrices hold squares
+        raise _overflow(name)
     return factor_svd(up, down, cap), magnitude, stacked, cap
 
 
 def _svd(name: str, parts: list[_Part], ref: NetworkModule, options: MergeOptions, rank_cap: int | None,
          device: torch.device) -> _Outcome:
-    svd, magnitude, stacked, cap = _stacked_svd(parts, rank_cap, device)
+    svd, magnitude, stacked, cap = _stacked_svd(name, parts, rank_cap, device)
     values = svd.values
+
     significant = int((values > magnitude * _NOISE * stacked).sum())
     if significant == 0:
         return _Outcome(None, "ΔW is zero")

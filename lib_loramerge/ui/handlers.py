@@ -13,8 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import reports
 from ..arch import PRETTY
 from ..blocks.report import block_energy
+from ..checks import as_strength
 from ..errors import LoraMergeError
 from ..jobs import LoraSpec, check_output, merge_to_file, prepare_inputs, specs_from_prompt
 from .host import Host
@@ -111,6 +113,18 @@ def output_path(name: str | None, folder: Path) -> Path:
     return folder / name
 
 
+def _optional_number(value: object, what: str, whole: bool = False) -> float | int | None:
+    """A number box's value: empty or 0 means "not set"; anything else must be a finite number."""
+    if value is None or value == "":
+        return None
+    number = as_strength(value, what)
+    if whole:
+        if number != int(number):
+            raise LoraMergeError(f"{what} must be a whole number, got {number:g}")
+        number = int(number)
+    return number or None
+
+
 def specs_from_rows(host: Host, rows: list[LoraRow]) -> list[LoraSpec]:
     used = [r for r in rows if r.used]
     if not used:
@@ -123,7 +137,8 @@ def specs_from_rows(host: Host, rows: list[LoraRow]) -> list[LoraSpec]:
             raise LoraMergeError(f"LoRA '{row.lora}' is not in the LoRA folders any more (refresh the list)")
         if row.unet is None or row.te is None:
             raise LoraMergeError(f"{row.lora}: give both strengths (UNet and TE)")
-        specs.append(LoraSpec(path, unet=float(row.unet), te=float(row.te), lbw=row.block_weights))
+        specs.append(LoraSpec(path, unet=as_strength(row.unet, f"{row.lora}: UNet strength"),
+                              te=as_strength(row.te, f"{row.lora}: TE strength"), lbw=row.block_weights))
     return specs
 
 
@@ -141,14 +156,13 @@ def job_progress(host: Host, ui_progress: UiProgress | None) -> Callable[[int, i
 def merge(host: Host, request: MergeRequest, ui_progress: UiProgress | None = None) -> Outcome:
     """Merge the used rows into ``request.output`` in the host's LoRA folder."""
     try:
-        from ..cli import format_merge_report
         from ..formats.writer import parse_dtype
         from ..ops.merge import MergeOptions
 
         out = output_path(request.output, host.lora_output_dir())
         check_output(out, request.overwrite)
-        options = MergeOptions(mode=request.mode, rank=int(request.rank) if request.rank else None,
-                               threshold=float(request.threshold) if request.threshold else None,
+        options = MergeOptions(mode=request.mode, rank=_optional_number(request.rank, "rank", whole=True),
+                               threshold=_optional_number(request.threshold, "energy threshold"),
                                device=request.device or host.device(), dtype=parse_dtype(request.dtype))
         options.validate()
         specs = specs_from_rows(host, request.rows)
@@ -166,7 +180,7 @@ def merge(host: Host, request: MergeRequest, ui_progress: UiProgress | None = No
             pooled = block_energy(done.report.energy, done.report.target_energy, done.arch)
             if pooled is not None:
                 chart = [(b, v) for b, v in pooled.retained.items() if v is not None]
-        return Outcome(True, format_merge_report(done.report, done.path, done.arch), path=done.path, chart=chart)
+        return Outcome(True, reports.format_merge_report(done.report, done.path, done.arch), path=done.path, chart=chart)
     except Exception as e:  # noqa: BLE001 (every failure becomes a message)
         return Outcome(False, describe_error(e))
 
@@ -174,7 +188,6 @@ def merge(host: Host, request: MergeRequest, ui_progress: UiProgress | None = No
 def bake(host: Host, request: BakeRequest, ui_progress: UiProgress | None = None) -> Outcome:
     """Bake the used rows into the chosen checkpoint; the result goes to the host's checkpoint folder."""
     try:
-        from ..cli import format_bake_report
         from ..formats.writer import parse_dtype
         from ..jobs import bake_to_file
         from ..ops.merge import check_device
@@ -205,7 +218,7 @@ def bake(host: Host, request: BakeRequest, ui_progress: UiProgress | None = None
 
         done = host.run_job(f"LoRA bake → {out.name}", job)
         host.refresh_checkpoints()
-        return Outcome(True, format_bake_report(done.report, done.path), path=done.path)
+        return Outcome(True, reports.format_bake_report(done.report, done.path), path=done.path)
     except Exception as e:  # noqa: BLE001 (every failure becomes a message)
         return Outcome(False, describe_error(e))
 
