@@ -13,6 +13,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -107,16 +108,19 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                            device=args.device or default_device(), dtype=parse_dtype(args.dtype))
     options.validate()
     check_output(args.out, args.overwrite)
+    started = time.perf_counter()
     lookup_notes: list[str] = []
     specs = _input_specs(args, lookup_notes)
     presets = load_presets(args.presets, args.webui_root) if any(s.lbw for s in specs) else None
     inputs, notes = prepare_inputs(specs, presets, seed=args.lbw_seed)
     notes = lookup_notes + notes
+    read = time.perf_counter() - started
     progress = _TqdmProgress(f"merge ({args.mode})")
     try:
         job = merge_to_file(inputs, options, args.out, overwrite=args.overwrite, progress=progress, notes=notes)
     finally:
         progress.close()
+    job.report.timings = {"read": read, **job.report.timings, "total": time.perf_counter() - started}
     if args.json:
         print(json.dumps({"out": str(job.path), "arch": job.arch, **job.report.as_dict()}, indent=2))
     else:

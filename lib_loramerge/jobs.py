@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,11 +107,13 @@ def merge_to_file(inputs: Sequence[MergeInput], options: MergeOptions, out: str 
     out = start_output(out, overwrite, notes)
     hashes = input_hashes([i.lora for i in inputs])
     result = merge_loras(inputs, options, progress)
+    started = time.perf_counter()
     entries, hash_notes = input_entries(inputs, hashes)
     result.report.notes[:0] = notes + hash_notes
     recipe = merge_recipe(inputs, options, result.arch, entries)
     meta = {RECIPE_KEY: json.dumps(recipe, ensure_ascii=False, sort_keys=True)}
     saved = save_lora(result.modules, out, dtype=options.dtype, arch=result.arch, metadata=meta, overwrite=overwrite)
+    result.report.timings.update(math=result.report.seconds, write=time.perf_counter() - started)
     return MergeJob(path=saved.path, report=result.report, metadata=saved.metadata, arch=result.arch)
 
 

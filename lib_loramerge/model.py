@@ -118,15 +118,21 @@ class LoraModule(FactorDelta):
     def is_lazy(self) -> bool:
         return self.up.is_meta
 
-    def load(self) -> LoraModule:
-        """This module with its factors in memory, read and checked now if it was read lazily."""
+    def load(self, check_values: bool = True) -> LoraModule:
+        """This module with its factors in memory, read and checked now if it was read lazily.
+
+        ``check_values=False``: the caller checks for NaN/Inf itself (a batch at once) and calls
+        :func:`validate_values` on the culprit.
+        """
         if not self.is_lazy:
             return self
         if self.loader is None:
             raise LoraMergeError("internal: lazy module without a loader", self.source, self.name)
         up, down, mid = self.loader()
         module = replace(self, up=up, down=down, mid=mid, loader=None)
-        validate_module(module, self.source)
+        validate_shapes(module, self.source)
+        if check_values:
+            validate_values(module, self.source)
         return module
 
     @property

@@ -176,6 +176,16 @@ def test_a_bake_whose_result_overflows_is_refused(tmp_path, capsys):
     assert not (tmp_path / "baked.safetensors").exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("mode", ["svd", "concat"])
+def test_a_nan_factor_in_an_input_names_its_file_and_module(tmp_path, capsys, mode):
+    mods = make_modules("sd1", rank=4, seed=1, only="down_blocks_1_attentions_0_transformer_blocks_0_attn1")
+    mods[1].down[0, 0] = float("nan")
+    path = write_kohya(tmp_path / "nan.safetensors", mods)
+    code, _, err = run(capsys, "merge", "--models", path, "--mode", mode, "--out", tmp_path / "o.safetensors")
+    line = one_error_line(err)
+    assert code == 2 and str(path) in line and f"{mods[1].name}: down factor holds NaN or Inf" in line
+
+
 def test_ui_number_boxes_refuse_nan_and_text(tmp_path):
     from lib_loramerge.ui import StandaloneHost
     from lib_loramerge.ui.handlers import LoraRow, MergeRequest, merge

@@ -2,12 +2,16 @@
 
 A LoRA's hash is the sha256 of its safetensors data section (A1111's ``sshs_model_hash`` /
 Civitai's AutoV2); a checkpoint's is the sha256 of the whole file. hashlib releases the GIL, so a
-thread hashing beside the merge or bake costs one core, not wall time.
+thread hashing beside the merge or bake costs one core, not wall time; digests are kept in a
+small cache keyed by path, size and mtime (as A1111 keeps its own), so a checkpoint baked into
+again is not read twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import threading
 from collections.abc import Sequence
@@ -39,17 +43,79 @@ def data_sha256(path: str | os.PathLike) -> str:
     return file_sha256(path)
 
 
+CACHE_ENV = "LORAMERGE_CACHE_DIR"  # a folder, or "off"
+
+
+def cache_file() -> Path | None:
+    """Where known hashes are kept: $LORAMERGE_CACHE_DIR, else $XDG_CACHE_HOME or ~/.cache, /sd-webui-lora-merger."""
+    chosen = os.environ.get(CACHE_ENV)
+    if chosen is not None:
+        return None if chosen.strip().lower() in ("", "off", "0", "no") else Path(chosen) / "hashes.json"
+    base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
+    return Path(base) / "sd-webui-lora-merger" / "hashes.json"
+
+
+class HashCache:
+    """sha256 digests of files by (path, size, mtime): a 7 GB checkpoint is hashed once, as A1111 caches its
+    own checkpoint hashes. Entries whose file changed size or mtime are recomputed; a cache that cannot be
+    read or written is simply not used."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    @staticmethod
+    def _key(file: Path, whole: bool) -> tuple[str, dict] | None:
+        try:
+            st = file.stat()
+        except OSError:
+            return None
+        return f"{'file' if whole else 'data'}:{file.resolve()}", {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+    def _load(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))  # type: ignore[union-attr]
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def get(self, file: Path, whole: bool) -> str | None:
+        key = self._key(file, whole) if self.path else None
+        if key is None:
+            return None
+        entry = self._load().get(key[0])
+        if isinstance(entry, dict) and all(entry.get(k) == v for k, v in key[1].items()):
+            digest = entry.get("sha256")
+            return digest if isinstance(digest, str) and len(digest) == 64 else None
+        return None
+
+    def put(self, file: Path, whole: bool, digest: str) -> None:
+        key = self._key(file, whole) if self.path else None
+        if key is None:
+            return
+        with self._lock, contextlib.suppress(OSError):
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+            data = self._load()
+            data[key[0]] = {**key[1], "sha256": digest}
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")  # type: ignore[union-attr]
+            tmp.write_text(json.dumps(data, indent=0, sort_keys=True), encoding="utf-8")
+            os.replace(tmp, self.path)  # type: ignore[arg-type]
+
+
 class BackgroundHashes(threading.Thread):
     """Hashes files one after another on a thread; ``result(i)`` waits for the i-th.
 
     ``whole``: hash whole files (checkpoints); else as :func:`data_sha256` (LoRAs).
     """
 
-    def __init__(self, paths: Sequence[Path | None], whole: bool = False):
+    def __init__(self, paths: Sequence[Path | None], whole: bool = False, cache: HashCache | None = None):
         super().__init__(daemon=True, name="lora-merger-hash")
         self.paths = list(paths)
         self.whole = whole
+        self.cache = cache if cache is not None else HashCache(cache_file())
         self.digests: list[str] = [""] * len(self.paths)
+        self.cached: list[bool] = [False] * len(self.paths)
         self.error: tuple[Path, BaseException] | None = None
         self.start()
 
@@ -58,7 +124,12 @@ class BackgroundHashes(threading.Thread):
             if path is None or not path.is_file():  # a LoRA built in memory has no file
                 continue
             try:
+                known = self.cache.get(path, self.whole)
+                if known:
+                    self.digests[i], self.cached[i] = known, True
+                    continue
                 self.digests[i] = file_sha256(path) if self.whole else data_sha256(path)
+                self.cache.put(path, self.whole, self.digests[i])
             except BaseException as e:  # reported by result()
                 self.error = (path, e)
                 return

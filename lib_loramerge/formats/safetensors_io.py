@@ -10,14 +10,15 @@ exactly the bytes that reach the disk.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
 import json
 import math
 import os
-import queue
 import struct
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -162,23 +163,23 @@ def _is_int(x: object) -> bool:
 
 
 def _parse_entry(name: str, info: object, path: Path) -> HeaderEntry:
-    shown = _shown(name)
+    def fail(why: str) -> LoraMergeError:
+        return LoraMergeError(f"corrupt safetensors header (tensor '{_shown(name)}'{why})", path)
+
     if not isinstance(info, dict):
-        raise LoraMergeError(f"corrupt safetensors header (bad entry for tensor '{shown}')", path)
+        raise fail(": not an entry")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if (not isinstance(dtype, str) or not isinstance(shape, list) or not isinstance(offsets, list)
             or len(offsets) != 2):
-        raise LoraMergeError(f"corrupt safetensors header (bad entry for tensor '{shown}')", path)
+        raise fail(": bad entry")
     if not all(_is_int(d) for d in (*shape, *offsets)):
-        raise LoraMergeError(f"corrupt safetensors header (tensor '{shown}': shape {shape} and offsets {offsets} "
-                             "must be whole numbers)", path)
+        raise fail(f": shape {shape} and offsets {offsets} must be whole numbers")
     shape_t, (begin, end) = tuple(shape), offsets
     if dtype not in _ITEMSIZE or any(d < 0 for d in shape_t):
-        raise LoraMergeError(f"corrupt safetensors header (tensor '{shown}': dtype {_shown(dtype)}, shape {shape})", path)
+        raise fail(f": dtype {_shown(dtype)}, shape {shape}")
     expected = math.prod(shape_t) * _ITEMSIZE[dtype]
     if begin < 0 or end - begin != expected:
-        raise LoraMergeError(
-            f"corrupt safetensors header (tensor '{shown}' has {end - begin} bytes, its shape needs {expected})", path)
+        raise fail(f" has {end - begin} bytes, its shape needs {expected}")
     return HeaderEntry(dtype, shape_t, begin, end)
 
 
@@ -231,9 +232,8 @@ class TensorSpec:
     source: torch.Tensor | Callable[[], torch.Tensor] | ByteRange
     check: str = ""
 
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * _ITEMSIZE[dtype_name(self.dtype)]
+    def __post_init__(self) -> None:
+        self.nbytes = math.prod(self.shape) * _ITEMSIZE[dtype_name(self.dtype)]
 
     @property
     def is_copy(self) -> bool:
@@ -242,12 +242,15 @@ class TensorSpec:
     def materialize(self) -> torch.Tensor:
         if isinstance(self.source, ByteRange):
             return _read_range(self.source, self.dtype, self.shape)
-        t = self.source() if callable(self.source) else self.source
+        made = callable(self.source)
+        t = self.source() if made else self.source
         if tuple(t.shape) != tuple(self.shape):
             raise LoraMergeError(f"internal: tensor {self.name} has shape {list(t.shape)}, expected {list(self.shape)}")
         out = t.detach().to(device="cpu", dtype=self.dtype).contiguous()
-        if self.check and out.is_floating_point() and not _finite(out):
-            if _finite(t):
+        if made and out.data_ptr() == t.data_ptr():  # a producer may reuse its buffer for the next tensor
+            out = out.clone()
+        if self.check and out.is_floating_point() and not all_finite(out):
+            if all_finite(t):
                 raise LoraMergeError(f"values beyond the range of {short_dtype_name(self.dtype)} (lower the strengths, or "
                                      "save as fp32 or bf16); nothing was written", module=self.name)
             if self.check == "result":
@@ -255,9 +258,14 @@ class TensorSpec:
         return out
 
 
-def _finite(t: torch.Tensor) -> bool:
-    # NaN and ±Inf propagate into a sum; float64 accumulation cannot overflow for finite fp16/bf16/fp32 data
-    return t.numel() == 0 or math.isfinite(float(t.sum(dtype=torch.float64)))
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in ``t``. NaN and ±Inf propagate into a sum (one fast pass); only when the float32
+    sum itself overflows (huge but finite values) is every element tested."""
+    if t.numel() == 0:
+        return True
+    if math.isfinite(float(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def short_dtype_name(dtype: torch.dtype) -> str:
@@ -285,21 +293,21 @@ def ordered(specs: Iterable[TensorSpec]) -> list[TensorSpec]:
     return sorted(specs, key=lambda s: (-rank[dtype_name(s.dtype)], s.name))
 
 
-def header_bytes(specs: list[TensorSpec], metadata: Mapping[str, str] | None) -> bytes:
-    """The length prefix and JSON header for ``specs`` (already ordered), as safetensors writes it."""
-    header: dict[str, object] = {}
+def header_bytes(specs: list[TensorSpec], metadata: Mapping[str, str] | None, entries: str | None = None) -> bytes:
+    """The length prefix and JSON header for ``specs`` (already ordered), as safetensors writes it.
+
+    ``entries``: :func:`header_entries` of ``specs``, when the caller renders several headers that
+    differ only in their metadata.
+    """
+    if entries is None:
+        entries = header_entries(specs)
+    parts = []
     if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offset = 0
-    seen = set()
-    for s in specs:
-        if s.name in seen or s.name == "__metadata__":
-            raise LoraMergeError(f"internal: duplicate or reserved tensor name '{s.name}'")
-        seen.add(s.name)
-        header[s.name] = {"dtype": dtype_name(s.dtype), "shape": list(s.shape),
-                          "data_offsets": [offset, offset + s.nbytes]}
-        offset += s.nbytes
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False)
+        meta = {str(k): str(v) for k, v in metadata.items()}
+        parts.append('"__metadata__":' + json.dumps(meta, separators=(",", ":"), ensure_ascii=False))
+    if entries:
+        parts.append(entries)
+    text = "{" + ",".join(parts) + "}"
     try:
         raw = text.encode("utf-8")
     except UnicodeEncodeError as e:  # a lone surrogate, e.g. from a file name that is not UTF-8
@@ -307,6 +315,21 @@ def header_bytes(specs: list[TensorSpec], metadata: Mapping[str, str] | None) ->
         raise LoraMergeError(f"internal: metadata or a tensor name is not valid Unicode (near '{bad}')") from None
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
+
+
+def header_entries(specs: list[TensorSpec]) -> str:
+    """The tensors' part of the header JSON (without braces), in data order, as safetensors writes it."""
+    offset = 0
+    seen = set()
+    items = []
+    for s in specs:
+        if s.name in seen or s.name == "__metadata__":
+            raise LoraMergeError(f"internal: duplicate or reserved tensor name '{s.name}'")
+        seen.add(s.name)
+        entry = {"dtype": dtype_name(s.dtype), "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+        items.append(json.dumps(s.name, ensure_ascii=False) + ":" + json.dumps(entry, separators=(",", ":")))
+        offset += s.nbytes
+    return ",".join(items)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -322,14 +345,17 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 Payload = memoryview | ByteRange
 
 
+PREFETCH_BYTES = 64 << 20  # how far the prefetch thread may run ahead of the writer (beside one tensor)
+
+
 def iter_data(specs: list[TensorSpec], prefetch: int = 0, *, raw_copies: bool = False
               ) -> Iterator[tuple[TensorSpec, Payload]]:
     """Each spec with its bytes, in order.
 
     ``raw_copies``: a :class:`ByteRange` spec comes back as the range itself (for the caller to
-    copy), otherwise as its bytes. With ``prefetch`` > 0 a thread makes up to that many of the
-    other tensors ahead, so producing the next patched tensor overlaps with writing (or copying)
-    everything before it.
+    copy), otherwise as its bytes. With ``prefetch`` > 0 a thread makes the other tensors ahead,
+    at least ``prefetch`` of them and as many more as fit in :data:`PREFETCH_BYTES`, so producing
+    patched tensors overlaps with writing (or copying) everything before them.
     """
     def passes_through(s: TensorSpec) -> bool:
         return raw_copies and s.is_copy
@@ -339,17 +365,28 @@ def iter_data(specs: list[TensorSpec], prefetch: int = 0, *, raw_copies: bool = 
             yield s, (s.source if passes_through(s) else tensor_bytes(s.materialize()))  # type: ignore[misc]
         return
     made = [s for s in specs if not passes_through(s)]
-    ready: queue.Queue = queue.Queue(maxsize=prefetch)
+    ready: collections.deque = collections.deque()
+    budget = threading.Condition()
+    queued = [0]  # bytes made and not yet taken
     stop = threading.Event()
 
     def produce() -> None:
         try:
             for s in made:
+                with budget:
+                    budget.wait_for(lambda s=s: stop.is_set() or len(ready) < prefetch
+                                    or queued[0] + s.nbytes <= PREFETCH_BYTES)
                 if stop.is_set():
                     return
-                ready.put((tensor_bytes(s.materialize()), None))
+                data = tensor_bytes(s.materialize())
+                with budget:
+                    ready.append((data, None))
+                    queued[0] += len(data)
+                    budget.notify_all()
         except BaseException as e:  # handed to the consumer, raised there
-            ready.put((None, e))
+            with budget:
+                ready.append((None, e))
+                budget.notify_all()
 
     worker = threading.Thread(target=produce, name="safetensors-prefetch", daemon=True)
     worker.start()
@@ -358,15 +395,19 @@ def iter_data(specs: list[TensorSpec], prefetch: int = 0, *, raw_copies: bool = 
             if passes_through(s):
                 yield s, s.source  # type: ignore[misc]
                 continue
-            data, error = ready.get()
+            with budget:
+                budget.wait_for(lambda: bool(ready))
+                data, error = ready.popleft()
+                if data is not None:
+                    queued[0] -= len(data)
+                budget.notify_all()
             if error is not None:
                 raise error
             yield s, data
     finally:
-        stop.set()
-        while worker.is_alive():  # unblock a producer waiting on a full queue
-            with contextlib.suppress(queue.Empty):
-                ready.get(timeout=0.05)
+        with budget:
+            stop.set()
+            budget.notify_all()
         worker.join()
 
 
@@ -383,9 +424,9 @@ class _HashTap:
 
     LO, HI = 0x100000, 0x110000
 
-    def __init__(self, specs: list[TensorSpec], metadata: Mapping[str, str]):
+    def __init__(self, specs: list[TensorSpec], metadata: Mapping[str, str], entries: str | None = None):
         ss_meta = {k: v for k, v in metadata.items() if k.startswith("ss_")}
-        head = header_bytes(specs, ss_meta)
+        head = header_bytes(specs, ss_meta, entries)
         self.model = hashlib.sha256()
         self.legacy = bytearray(head[self.LO:self.HI])
         self.pos = len(head)
@@ -433,16 +474,18 @@ def write_safetensors(path: str | os.PathLike, specs: Iterable[TensorSpec],
     specs = ordered(specs)
     meta = dict(metadata or {})
     tap = None
+    entries = header_entries(specs)
     if sshs:
         meta[MODEL_HASH_KEY], meta[LEGACY_HASH_KEY] = "0" * 64, "0" * 8  # placeholders of the final length
-        tap = _HashTap(specs, meta)
-    head = header_bytes(specs, meta)
+        tap = _HashTap(specs, meta, entries)
+    head = header_bytes(specs, meta, entries)
     mode = new_file_mode(path, overwrite)
     tmp = temp_path(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
         try:
             copier = _RangeCopier(fd)
+            writeback = _Writeback(fd)
             try:
                 _write_all(fd, memoryview(head))
                 for done, (spec, data) in enumerate(iter_data(specs, prefetch, raw_copies=tap is None), 1):
@@ -454,6 +497,7 @@ def write_safetensors(path: str | os.PathLike, specs: Iterable[TensorSpec],
                         _write_all(fd, data)
                         if tap:
                             tap.feed(data)
+                    writeback.advance()
                     if progress:
                         progress(done, len(specs), spec.name)
             finally:
@@ -461,7 +505,7 @@ def write_safetensors(path: str | os.PathLike, specs: Iterable[TensorSpec],
             if tap or finalize:
                 meta.update(tap.digests() if tap else {})
                 meta.update(finalize() if finalize else {})
-                final = header_bytes(specs, meta)
+                final = header_bytes(specs, meta, entries)
                 if len(final) != len(head):
                     raise LoraMergeError("internal: late metadata changed the header length")
                 os.lseek(fd, 0, os.SEEK_SET)
@@ -485,6 +529,28 @@ def _write_all(fd: int, data: memoryview) -> None:
     while data:
         n = os.write(fd, data)
         data = data[n:]
+
+
+class _Writeback:
+    """Starts the disk write of each finished chunk while the job goes on, so the final fsync has
+    little left to wait for (Linux: POSIX_FADV_DONTNEED on dirty pages starts their writeback and
+    keeps the output from crowding the page cache). A no-op elsewhere."""
+
+    CHUNK = 128 << 20
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.flushed = 0
+        self.enabled = hasattr(os, "posix_fadvise") and sys.platform.startswith("linux")
+
+    def advance(self) -> None:
+        if not self.enabled:
+            return
+        position = os.lseek(self.fd, 0, os.SEEK_CUR)
+        if position - self.flushed >= self.CHUNK:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self.fd, self.flushed, position - self.flushed, os.POSIX_FADV_DONTNEED)
+            self.flushed = position
 
 
 class _RangeCopier:

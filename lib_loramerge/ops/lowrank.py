@@ -15,6 +15,7 @@ and parallelises well across modules.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -149,3 +150,79 @@ def clamp_factors(up: torch.Tensor, down: torch.Tensor, quantile: float) -> tupl
     index = max(1, min(flat.numel(), int(round(quantile * flat.numel()))))
     h = float(flat.kthvalue(index).values)
     return up.clamp(-h, h), down.clamp(-h, h)
+
+
+# ---- many modules at once ----------------------------------------------------------------------
+
+EPS32 = 2.0**-24
+# the fast route is taken for a module when its estimated relative error on the kept singular
+# values is below this (the dense fp32 route kohya uses is off by ~1.6e-6 on the same modules)
+FAST_TOLERANCE = 1e-6
+# beyond this ratio of the Cholesky diagonal a factor stack is too close to dependent for fp32 Grams
+_FAST_MAX_RATIO = 1e3
+
+
+def batched_factor_svd(up: torch.Tensor, down: torch.Tensor, caps: list[int], noise: float
+                       ) -> tuple[list[FactorSVD | None], list[float]]:
+    """:func:`factor_svd` for B modules of one shape at once: up (B, out, R), down (B, R, K).
+
+    The Grams are formed in float32 (8× cheaper than float64 with its conversions); their
+    Cholesky factors, and the eigendecomposition of each small core's Gram CᵀC (C = Lᵤᵀ L_d: its
+    eigenvectors are ΔW's right singular vectors in that basis, CW/σ the left ones), in float64,
+    all as batched calls. Rounding the Grams to float32 costs accuracy where a stack is
+    ill-conditioned or the kept spectrum spans far, so each module's error on its kept singular
+    values is estimated from what the batch computed — ε₃₂ · σ₁/σₖ · max(1, d/30), d the largest
+    ratio of a Cholesky diagonal (an upper bound, checked against float64 references over stacks
+    of condition 1…10⁴) — and a module over :data:`FAST_TOLERANCE` gets None: the caller runs
+    :func:`factor_svd` (float64 Grams) for it. ``caps[b]``: the most vectors module b may keep.
+    Each module's noise floor is ``noise`` · ‖U‖_F‖D‖_F (≥ ‖ΔW‖_F, from the Grams' traces); kept
+    are min(cap, values above it). Returns the SVDs (vectors for the top max-kept values) and the
+    floors, infinite where the Grams overflowed.
+    """
+    gu = (up.mT @ up).double().cpu()  # the small decompositions run on the CPU (see factor_svd)
+    gd = (down @ down.mT).double().cpu()
+    bound = (gu.diagonal(dim1=-2, dim2=-1).sum(-1) * gd.diagonal(dim1=-2, dim2=-1).sum(-1)).sqrt()
+    floors = [noise * b if math.isfinite(b) else math.inf for b in bound.tolist()]
+    if not all(math.isfinite(f) for f in floors):  # overflowed factors: nothing to decompose
+        return [None] * up.shape[0], floors
+    lu, info_u = torch.linalg.cholesky_ex(gu)
+    ld, info_d = torch.linalg.cholesky_ex(gd)
+    core = lu.mT @ ld
+    lam, vec = torch.linalg.eigh(core.mT @ core)  # ascending
+    values = lam.flip(-1).clamp_min(0).sqrt()
+    right_vectors = vec.flip(-1)
+    diag_u, diag_d = lu.diagonal(dim1=-2, dim2=-1), ld.diagonal(dim1=-2, dim2=-1)
+    ratio_u = (diag_u.max(-1).values / diag_u.min(-1).values).tolist()
+    ratio_d = (diag_d.max(-1).values / diag_d.min(-1).values).tolist()
+    usable = ((info_u == 0) & (info_d == 0) & (diag_u.min(-1).values > 0) & (diag_d.min(-1).values > 0)).tolist()
+    above = (values > torch.tensor(floors, dtype=values.dtype).nan_to_num(posinf=math.inf)[:, None]).sum(-1).tolist()
+    rows = values.tolist()
+    accepted, kept = [], []
+    for b in range(up.shape[0]):
+        ratio = max(ratio_u[b], ratio_d[b]) if usable[b] and math.isfinite(floors[b]) else math.inf
+        k = min(caps[b], above[b])
+        if ratio > _FAST_MAX_RATIO:
+            continue
+        if k > 0 and EPS32 * rows[b][0] / rows[b][k - 1] * max(1.0, ratio / 30) > FAST_TOLERANCE:
+            continue
+        accepted.append(b)
+        kept.append(max(k, 1))
+    results: list[FactorSVD | None] = [None] * up.shape[0]
+    if not accepted:
+        return results, floors
+    k = max(kept)
+    if len(accepted) < up.shape[0]:  # only then copy the accepted modules out of the batch
+        index = torch.tensor(accepted)
+        on_device = index.to(up.device)
+        up, down, core, lu, ld, values, right_vectors = (
+            up[on_device], down[on_device], core[index], lu[index], ld[index], values[index], right_vectors[index])
+    w_k = right_vectors[:, :, :k]
+    sigma = values[:, :k].clamp_min(torch.finfo(torch.float64).tiny)
+    p_k = (core @ w_k) / sigma[:, None, :]  # left singular vectors of the core
+    to_left = torch.linalg.solve_triangular(lu.mT, p_k, upper=True)
+    to_right = torch.linalg.solve_triangular(ld.mT, w_k, upper=True)
+    left = up @ to_left.to(up.device, up.dtype)
+    right = to_right.to(down.device, down.dtype).mT @ down
+    for i, b in enumerate(accepted):
+        results[b] = FactorSVD(left=left[i], values=values[i], right=right[i])
+    return results, floors

@@ -12,18 +12,30 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
 from .. import sdlayouts
 from ..checks import as_strength
 from ..errors import LoraMergeError
-from ..formats.safetensors_io import short_dtype_name
+from ..formats.safetensors_io import all_finite, short_dtype_name
 from ..lycoris import algorithm_label, is_lycoris, network_dim
-from ..model import LoraModel, LoraModule, NetworkModule, is_text_encoder
+from ..model import LoraModel, LoraModule, NetworkModule, is_text_encoder, validate_values
 from ..runtime import torch_threads
-from .lowrank import FactorSVD, clamp_factors, compact_factors, factor_svd, kron_svd, rank_for_threshold, split_factors
+from .lowrank import (
+    FactorSVD,
+    batched_factor_svd,
+    clamp_factors,
+    compact_factors,
+    factor_svd,
+    kron_svd,
+    rank_for_threshold,
+    split_factors,
+)
 
+T = TypeVar("T")
+R = TypeVar("R")
 MODES = ("add", "concat", "svd")
 MAX_WORKERS = 4
 # singular values below this fraction of the largest (times the stacked rank) are rounding noise
@@ -119,7 +131,8 @@ class MergeReport:
     # svd: ‖ΔW‖_F² of each module's exact target, so retained fractions can be pooled by energy (per block, say)
     target_energy: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the merge itself
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of the whole job (read, math, write)
 
     def energy_summary(self, worst: int = 5) -> dict | None:
         if not self.energy:
@@ -132,7 +145,8 @@ class MergeReport:
         return {"mode": self.mode, "inputs": self.inputs, "modules_out": self.modules_out,
                 "dropped": [{"module": n, "why": w} for n, w in self.dropped],
                 "ranks_by_kind": {k: {str(r): n for r, n in sorted(v.items())} for k, v in self.ranks_by_kind.items()},
-                "energy": self.energy_summary(), "notes": self.notes, "seconds": round(self.seconds, 3)}
+                "energy": self.energy_summary(), "notes": self.notes, "seconds": round(self.seconds, 3),
+                "timings": {k: round(v, 3) for k, v in self.timings.items()}}
 
 
 @dataclass
@@ -217,15 +231,28 @@ def merge_loras(inputs: Sequence[MergeInput], options: MergeOptions,
         names.update(dict.fromkeys(inp.lora.modules))
     device = check_device(options.device)
 
-    def work(name: str) -> _Outcome:
-        parts = [_Part(inp.lora.name, inp.lora.modules[name], inp.strength(name))
-                 for inp in inputs if name in inp.lora.modules]
-        return _merge_module(name, parts, options, rank_cap, device)
+    def parts_of(name: str) -> list[_Part]:
+        return [_Part(inp.lora.name, inp.lora.modules[name], inp.strength(name))
+                for inp in inputs if name in inp.lora.modules]
 
+    def work(unit: list[str]) -> list[_Outcome]:
+        if len(unit) > 1 or _batchable(parts_of(unit[0]), options):
+            return _merge_batch(unit, [parts_of(n) for n in unit], options, rank_cap, device)
+        return [_merge_module(unit[0], parts_of(unit[0]), options, rank_cap, device)]
+
+    outcomes: dict[str, _Outcome] = {}
+    done = 0
+    units = _work_units(list(names), parts_of, options)
+    for unit, results in zip(units, parallel_map(work, units, device), strict=True):
+        for name, outcome in zip(unit, results, strict=True):
+            outcomes[name] = outcome
+            done += 1
+            if progress:
+                progress(done, len(names), name)
     out: list[LoraModule] = []
     wide: list[tuple[str, int, int]] = []
-    total = len(names)
-    for done, (name, outcome) in enumerate(zip(names, parallel_map(work, names, device), strict=True), 1):
+    for name in names:
+        outcome = outcomes[name]
         report.notes += outcome.notes
         if outcome.wide is not None and outcome.module is not None:
             wide.append((name, outcome.module.rank, outcome.wide))
@@ -238,8 +265,6 @@ def merge_loras(inputs: Sequence[MergeInput], options: MergeOptions,
             if outcome.energy is not None:
                 report.energy[name] = outcome.energy
                 report.target_energy[name] = outcome.target_energy
-        if progress:
-            progress(done, total, name)
     if wide:
         name, rank, declared = max(wide, key=lambda w: w[1])
         report.notes.append(
@@ -289,8 +314,8 @@ def default_rank(inputs: Sequence[MergeInput]) -> tuple[int, str]:
                                           "--threshold give a smaller file)")
 
 
-def parallel_map(fn: Callable[[str], _Outcome], items: Iterable[str], device: torch.device) -> Iterator[_Outcome]:
-    """``map(fn, items)`` in order, on all CPU cores: one module per core, one thread per module.
+def parallel_map(fn: Callable[[T], R], items: Iterable[T], device: torch.device) -> Iterator[R]:
+    """``map(fn, items)`` in order, on all CPU cores: one work unit per core, one thread per unit.
 
     Small per-module linear algebra scales far better across modules than inside one op, so the
     intra-op thread count is set to 1 for the duration (and restored). On CUDA: sequential.
@@ -343,8 +368,8 @@ def _output_module(name: str, ref: NetworkModule, up: torch.Tensor, down: torch.
 def _cast(factor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     """A factor in the output dtype, refusing values the cast turns into Inf (the writer checks the rest)."""
     out = factor.to("cpu", dtype).contiguous()
-    if dtype != factor.dtype and not math.isfinite(float(out.sum(dtype=torch.float64))):
-        if math.isfinite(float(factor.sum(dtype=torch.float64))):
+    if dtype != factor.dtype and not all_finite(out):
+        if all_finite(factor):
             raise LoraMergeError(f"factors beyond the range of {short_dtype_name(dtype)} (lower the strengths, or "
                                  "save as fp32 or bf16); nothing was written", module=name)
         raise LoraMergeError("ΔW overflows float32 (strength × alpha / rank is too large)", module=name)
@@ -408,6 +433,40 @@ def _overflow(name: str) -> LoraMergeError:
     return LoraMergeError("ΔW overflows float32 (strength × alpha / rank is too large)", module=name)
 
 
+@dataclass
+class _Stack:
+    """One module's stacked factor pair ΔW = up @ down (strengths and scales folded in, balanced)."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+    magnitude: float  # Σ‖Uᵢ‖‖Dᵢ‖ ≥ ‖ΔW‖: singular values below its fp32 rounding are noise
+    stacked: int  # inner size before any compaction
+    cap: int  # the most vectors the output may keep
+
+    @property
+    def floor(self) -> float:
+        return self.magnitude * _NOISE * self.stacked
+
+
+def _stack(name: str, parts: list[_Part], rank_cap: int | None, device: torch.device, compact: bool = True) -> _Stack:
+    ups, downs = [], []
+    for p in parts:
+        u, d = p.module.factor_matrices(torch.float32, device)
+        root = math.sqrt(abs(p.scale))  # balanced, like concat: keeps both stacks well scaled
+        ups.append(math.copysign(root, p.scale) * u)
+        downs.append(root * d)
+    up, down = torch.cat(ups, 1), torch.cat(downs, 0)
+    stacked = up.shape[1]
+    if compact:
+        up, down = compact_factors(up, down)
+    cap = min(rank_cap or stacked, up.shape[0], down.shape[1], stacked)
+    # ‖ΔW‖ ≤ Σ‖Uᵢ‖‖Dᵢ‖: singular values below fp32 rounding of that are noise (e.g. a LoRA minus itself)
+    magnitude = sum(float(torch.linalg.norm(u)) * float(torch.linalg.norm(d)) for u, d in zip(ups, downs, strict=True))
+    if not math.isfinite(magnitude * magnitude):  # the Gram matrices hold squares
+        raise _overflow(name)
+    return _Stack(up, down, magnitude, stacked, cap)
+
+
 def _stacked_svd(name: str, parts: list[_Part], rank_cap: int | None, device: torch.device
                  ) -> tuple[FactorSVD, float, int, int]:
     """(SVD of the module's ΔW, Σ‖Uᵢ‖‖Dᵢ‖ bound on ‖ΔW‖, stacked rank, rank cap) from the stacked factor pairs.
@@ -426,28 +485,21 @@ def _stacked_svd(name: str, parts: list[_Part], rank_cap: int | None, device: to
         if not (math.isfinite(magnitude) and bool(torch.isfinite(svd.values).all())):
             raise _overflow(name)
         return svd, magnitude, stacked, cap
-    ups, downs = [], []
-    for p in parts:
-        u, d = p.module.factor_matrices(torch.float32, device)
-        root = math.sqrt(abs(p.scale))  # balanced, like concat: keeps both stacks well scaled
-        ups.append(math.copysign(root, p.scale) * u)
-        downs.append(root * d)
-    up, down = compact_factors(torch.cat(ups, 1), torch.cat(downs, 0))
-    stacked = up.shape[1]
-    cap = min(rank_cap or stacked, up.shape[0], down.shape[1], stacked)
-    # ‖ΔW‖ ≤ Σ‖Uᵢ‖‖Dᵢ‖: singular values below fp32 rounding of that are noise (e.g. a LoRA minus itself)
-    magnitude = sum(float(torch.linalg.norm(u)) * float(torch.linalg.norm(d)) for u, d in zip(ups, downs, strict=True))
-    if not math.isfinite(magnitude * magnitude):  # the Gram matrices hold squares
-        raise _overflow(name)
-    return factor_svd(up, down, cap), magnitude, stacked, cap
+    st = _stack(name, parts, rank_cap, device)
+    return factor_svd(st.up, st.down, st.cap), st.magnitude, st.stacked, st.cap
 
 
 def _svd(name: str, parts: list[_Part], ref: NetworkModule, options: MergeOptions, rank_cap: int | None,
          device: torch.device) -> _Outcome:
     svd, magnitude, stacked, cap = _stacked_svd(name, parts, rank_cap, device)
-    values = svd.values
+    return _truncated(name, svd, magnitude * _NOISE * stacked, cap, ref, options)
 
-    significant = int((values > magnitude * _NOISE * stacked).sum())
+
+def _truncated(name: str, svd: FactorSVD, floor: float, cap: int, ref: NetworkModule,
+               options: MergeOptions) -> _Outcome:
+    """The output module from a module's SVD: rank from the cap, the noise floor and the threshold."""
+    values = svd.values
+    significant = int((values > floor).sum())
     if significant == 0:
         return _Outcome(None, "ΔW is zero")
     cap = min(cap, significant)
@@ -459,3 +511,90 @@ def _svd(name: str, parts: list[_Part], ref: NetworkModule, options: MergeOption
     kept = float((values[:k] ** 2).sum() / energy)
     return _Outcome(_output_module(name, ref, new_up, new_down, float(k), options.dtype), energy=kept,
                     target_energy=energy)
+
+
+# ---- batches: svd of many plain-LoRA modules of one shape through batched linear algebra -----------
+
+BATCH_BYTES = 24 << 20  # float32 factors of one batch
+BATCH_MAX = 64
+
+
+def _batchable(parts: list[_Part], options: MergeOptions) -> bool:
+    """svd of plain LoRA/LoCon parts (Tucker included) whose stack is narrower than the layer."""
+    live = [p for p in parts if p.strength != 0.0]
+    if options.mode != "svd" or not live or not all(type(p.module) is LoraModule for p in live):
+        return False
+    shape = live[0].module.weight_shape
+    rank = sum(p.module.rank for p in live)
+    return all(_flat_shape(p.module.weight_shape) == _flat_shape(shape) for p in live) and \
+        rank <= min(shape[0], math.prod(shape[1:]))
+
+
+def _work_units(names: list[str], parts_of: Callable[[str], list[_Part]], options: MergeOptions) -> list[list[str]]:
+    """Batches of modules with the same (out, in·k·k, stacked rank), bounded in bytes; single modules otherwise."""
+    groups: dict[tuple[int, int, int], list[str]] = {}
+    units: list[list[str]] = []
+    for name in names:
+        parts = parts_of(name)
+        if not _batchable(parts, options):
+            units.append([name])
+            continue
+        live = [p for p in parts if p.strength != 0.0]
+        out, flat = live[0].module.weight_shape[0], math.prod(live[0].module.weight_shape[1:])
+        groups.setdefault((out, flat, sum(p.module.rank for p in live)), []).append(name)
+    for (out, flat, rank), members in groups.items():
+        size = max(1, min(BATCH_MAX, BATCH_BYTES // ((out + flat) * rank * 4)))
+        units += [members[i:i + size] for i in range(0, len(members), size)]
+    return units
+
+
+def _merge_batch(names: list[str], parts: list[list[_Part]], options: MergeOptions, rank_cap: int | None,
+                 device: torch.device) -> list[_Outcome]:
+    """svd-merge modules of one shape together; a module the fast route cannot vouch for goes the float64 way.
+
+    The factors are written straight into the batch tensors (scaled, balanced as in :func:`_stack`).
+    """
+    refs, notes, caps, loaded = [], [], [], []
+    ups = downs = None
+    for b, (name, module_parts) in enumerate(zip(names, parts, strict=True)):
+        live = [p for p in module_parts if p.strength != 0.0]
+        notes.append(_check_shapes(name, live))
+        refs.append(next((p.module for p in live if _shape_known(p.module)), live[0].module))
+        offset = 0
+        for p in live:
+            module = p.module.load(check_values=False)  # NaN/Inf: checked for the whole batch below
+            loaded.append(module)
+            out, rank_p = module.out_features, module.rank
+            if ups is None:
+                rank = sum(q.module.rank for q in live)
+                ups = torch.empty(len(names), out, rank, device=device)
+                downs = torch.empty(len(names), rank, math.prod(module.weight_shape[1:]), device=device)
+            up_slot, down_slot = ups[b, :, offset:offset + rank_p], downs[b, offset:offset + rank_p]
+            if module.mid is None:  # convert straight into the batch, then scale there
+                up_slot.copy_(module.up.reshape(out, rank_p))
+                down_slot.copy_(module.down.reshape(rank_p, -1))
+            else:
+                u, d = module.factor_matrices(torch.float32, device)
+                up_slot.copy_(u)
+                down_slot.copy_(d)
+            root = math.sqrt(abs(p.scale))
+            up_slot.mul_(math.copysign(root, p.scale))
+            down_slot.mul_(root)
+            offset += rank_p
+        caps.append(min(rank_cap or offset, ups.shape[1], downs.shape[2], offset))
+    if not (all_finite(ups) and all_finite(downs)):
+        for module in loaded:  # a factor of a file holds NaN/Inf: validate_values names file and module
+            validate_values(module, module.source)
+        raise _overflow(next(n for b, n in enumerate(names) if not (all_finite(ups[b]) and all_finite(downs[b]))))
+    stacked = ups.shape[2]
+    svds, floors = batched_factor_svd(ups, downs, caps, _NOISE * stacked)
+    outcomes = []
+    for b, (name, svd, ref, note) in enumerate(zip(names, svds, refs, notes, strict=True)):
+        if not math.isfinite(floors[b]):
+            raise _overflow(name)
+        if svd is None:
+            svd = factor_svd(*compact_factors(ups[b], downs[b]), caps[b])
+        outcome = _truncated(name, svd, floors[b], caps[b], ref, options)
+        outcome.notes = note + outcome.notes
+        outcomes.append(outcome)
+    return outcomes
