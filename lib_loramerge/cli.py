@@ -150,7 +150,8 @@ def _cmd_bake(args: argparse.Namespace) -> int:
     progress = _TqdmProgress("bake", unit="tensor")
     try:
         job = bake_to_file(args.checkpoint, inputs, args.out, dtype=dtype, device=device, overwrite=args.overwrite,
-                           allow_unmatched=args.allow_unmatched, progress=progress, notes=notes)
+                           allow_unmatched=args.allow_unmatched, progress=progress, notes=notes,
+                           semantics=args.semantics)
     finally:
         progress.close()
     if args.json:
@@ -269,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--allow-unmatched", action="store_true",
                    help="bake even if some LoRA modules have no matching layer (they are listed)")
+    p.add_argument("--semantics", choices=("a1111", "forge"), default="a1111",
+                   help="apply DoRA (dora_scale) modules as this WebUI does: the one that will use the checkpoint "
+                        "(default a1111; recorded in the recipe)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_bake)
 

@@ -178,8 +178,12 @@ class BakeJob:
 def bake_to_file(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], out: str | os.PathLike, *,
                  dtype: torch.dtype | None = torch.float16, device: str = "cpu", overwrite: bool = False,
                  allow_unmatched: bool = False, progress: Progress | None = None,
-                 notes: Sequence[str] = ()) -> BakeJob:
-    """Bake the inputs into ``checkpoint`` and write ``out`` atomically, with a recipe in its metadata."""
+                 notes: Sequence[str] = (), semantics: str = "a1111", source: str | None = None) -> BakeJob:
+    """Bake the inputs into ``checkpoint`` and write ``out`` atomically, with a recipe in its metadata.
+
+    ``semantics``: the WebUI whose DoRA rule the bake follows (recorded in the recipe); ``source``:
+    where the recipe came from when not the command line (e.g. ``"live bake"``), recorded too.
+    """
     notes = list(notes)
     out = start_output(out, overwrite, notes)
     ckpt = Path(checkpoint)
@@ -192,13 +196,14 @@ def bake_to_file(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], ou
         data = {
             "tool": "sd-webui-lora-merger", "version": __version__, "type": "bake",
             "checkpoint": {"file": display_path(ckpt.name), "sha256": checkpoint_sha256},
-            "dtype": "keep" if dtype is None else short_dtype(dtype), "inputs": entries,
+            "dtype": "keep" if dtype is None else short_dtype(dtype), "inputs": entries, "semantics": semantics,
+            **({"source": source} if source else {}),
         }
         return {RECIPE_KEY: json.dumps(data, ensure_ascii=False, sort_keys=True)}
 
     report, written = bake(ckpt, inputs, out, dtype=dtype, device=device, overwrite=overwrite,
                            allow_unmatched=allow_unmatched, progress=progress,
-                           metadata=recipe("0" * 64, final=False), finalize=recipe)
+                           metadata=recipe("0" * 64, final=False), finalize=recipe, semantics=semantics)
     report.notes[:0] = notes + hash_notes
     return BakeJob(path=out, report=report, metadata=written)
 

@@ -12,9 +12,26 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.append(_ROOT)
 
-from modules import script_callbacks  # noqa: E402
+from modules import script_callbacks, scripts  # noqa: E402
 
 import lib_loramerge  # noqa: E402,F401  (after the path fix, by design)
-from lib_loramerge.webui import on_ui_tabs  # noqa: E402
+from lib_loramerge.webui import generation_params, on_model_loaded, on_ui_tabs  # noqa: E402
 
 script_callbacks.on_ui_tabs(on_ui_tabs)
+script_callbacks.on_model_loaded(on_model_loaded)
+
+
+class LoraMergerLiveBake(scripts.Script):
+    """Always on, no UI: writes an active live bake into each image's generation parameters."""
+
+    def title(self):
+        return "LoRA Merge: live bake"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        return []
+
+    def process(self, p, *args):
+        generation_params(p)

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 MODULES = ("modules", "modules.script_callbacks", "modules.shared", "modules.devices", "modules.sd_models",
-           "modules.ui_common", "modules.call_queue", "modules.paths_internal", "networks")
+           "modules.ui_common", "modules.call_queue", "modules.paths_internal", "modules.scripts",
+           "modules.processing", "networks")
 
 
 class State:
@@ -76,10 +77,28 @@ class FakeWebUI:
         mods["modules"].__path__ = []  # a package
 
         sc = mods["modules.script_callbacks"]
-        sc.callback_map = {"callbacks_ui_tabs": []}
+        sc.callback_map = {"callbacks_ui_tabs": [], "callbacks_model_loaded": []}
 
         def on_ui_tabs(callback, *, name=None):
             sc.callback_map["callbacks_ui_tabs"].append(callback)
+
+        def on_model_loaded(callback, *, name=None):
+            sc.callback_map["callbacks_model_loaded"].append(callback)
+
+        def model_loaded_callback(sd_model):
+            for c in sc.callback_map["callbacks_model_loaded"]:
+                c(sd_model)
+
+        sc.on_model_loaded, sc.model_loaded_callback = on_model_loaded, model_loaded_callback
+
+        scripts = mods["modules.scripts"]  # modules/scripts.py: the Script base class and AlwaysVisible
+        scripts.AlwaysVisible = object()
+        scripts.Script = type("Script", (), {"title": lambda self: "", "show": lambda self, is_img2img: True,
+                                             "ui": lambda self, is_img2img: None, "process": lambda self, p, *a: None})
+
+        processing = mods["modules.processing"]  # the conditioning cache both WebUIs keep on this class
+        processing.StableDiffusionProcessing = type("StableDiffusionProcessing", (), {
+            "cached_c": [None, None], "cached_uc": [None, None]})
 
         def ui_tabs_callback():
             res = []

@@ -20,7 +20,7 @@ from lib_loramerge.ui.handlers import BakeRequest, LoraRow, MergeRequest
 
 gr = pytest.importorskip("gradio")
 ROOT = Path(__file__).resolve().parents[1]
-A1111 = Path(os.environ.get("LORAMERGE_A1111_SRC", "/work/webui/stable-diffusion-webui"))
+A1111 = Path(os.environ["LORAMERGE_A1111_SRC"]) if os.environ.get("LORAMERGE_A1111_SRC") else None
 LBW_PRESET = "MYLBW:1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1"
 
 
@@ -62,9 +62,14 @@ def test_scripts_register_the_tab_and_it_renders_as_a1111_renders_it(fake):
     assert lora_choices == ["character_b.safetensors", "old_lyco.safetensors", "style_a.safetensors"]
     presets = [c[0] if isinstance(c, tuple) else c for c in found["lora_merger_merge_weights_0"].choices]
     assert "MYLBW" in presets and "OUTALL" in presets  # the installed LBW's preset beside ours
-    # the WebUI's own refresh buttons, one per LoRA row and one for Inspect
-    refresh = [elem for _, elem in fake.names("create_refresh_button")]
-    assert {f"lora_merger_merge_refresh_{i}" for i in range(MAX_ROWS)} | {"lora_merger_inspect_refresh"} <= set(refresh)
+    # refresh buttons with a word on them (a 🔄 is an empty box without an emoji font), one per row and Inspect's
+    for elem in [f"lora_merger_merge_refresh_{i}" for i in range(MAX_ROWS)] + ["lora_merger_inspect_refresh"]:
+        assert found[elem].value == "Refresh"
+    assert found["lora_merger_merge_add"].value == "+ Add LoRA" and found["lora_merger_merge_remove"].value == "- Remove last"
+    labels = [b.value for b in found.values() if isinstance(b, gr.Button)]
+    assert not [v for v in labels if any(ord(c) > 0x2FFF for c in v)], labels  # no emoji-only labels
+    # the always-on script that writes live bakes into infotext, and the model-loaded hook
+    assert fake.modules["modules.script_callbacks"].callback_map["callbacks_model_loaded"]
 
 
 def test_merge_runs_under_the_gpu_lock_with_state_and_refreshes_the_lora_list(fake):
@@ -133,7 +138,7 @@ def test_host_reads_the_webuis_folders_device_and_checkpoints(fake, monkeypatch)
 # -- the stand-in's signatures against the real A1111 v1.10.1 source ------------------------------------------
 
 MIRRORED = {  # file in the A1111 tree → functions (Class.method for methods) the stand-in provides
-    "modules/script_callbacks.py": ["on_ui_tabs", "ui_tabs_callback"],
+    "modules/script_callbacks.py": ["on_ui_tabs", "ui_tabs_callback", "on_model_loaded", "model_loaded_callback"],
     "modules/shared_state.py": ["State.begin", "State.end", "State.interrupt"],
     "modules/sd_models.py": ["checkpoint_tiles", "list_models", "get_closet_checkpoint_match",
                              "CheckpointInfo.__init__", "CheckpointInfo.register"],
@@ -164,8 +169,9 @@ def functions(tree: ast.AST) -> dict[str, ast.FunctionDef]:
 def fake_functions(fake_modules) -> dict[str, object]:
     sd, cq = fake_modules["modules.sd_models"], fake_modules["modules.call_queue"]
     from fakewebui import State
-    return {"on_ui_tabs": fake_modules["modules.script_callbacks"].on_ui_tabs,
-            "ui_tabs_callback": fake_modules["modules.script_callbacks"].ui_tabs_callback,
+    sc = fake_modules["modules.script_callbacks"]
+    return {"on_ui_tabs": sc.on_ui_tabs, "ui_tabs_callback": sc.ui_tabs_callback, "on_model_loaded": sc.on_model_loaded,
+            "model_loaded_callback": sc.model_loaded_callback,
             "State.begin": State.begin, "State.end": State.end, "State.interrupt": State.interrupt,
             "checkpoint_tiles": sd.checkpoint_tiles, "list_models": sd.list_models,
             "get_closet_checkpoint_match": sd.get_closet_checkpoint_match,
@@ -177,8 +183,8 @@ def fake_functions(fake_modules) -> dict[str, object]:
 
 
 def test_webui_fake_mirrors_a1111(tmp_path):
-    if not (A1111 / "modules" / "script_callbacks.py").is_file():
-        pytest.skip(f"A1111 source not found at {A1111} (set LORAMERGE_A1111_SRC to a v1.10.1 checkout)")
+    if A1111 is None or not (A1111 / "modules" / "script_callbacks.py").is_file():
+        pytest.skip(f"A1111 source not found (LORAMERGE_A1111_SRC={A1111}: set it to a v1.10.1 checkout)")
     import inspect
     import textwrap
 

@@ -20,12 +20,15 @@ _OPENCLIP_LAYER = re.compile(r"text_model_encoder_layers_(\d+)_(self_attn_([qkv]
 _OPENCLIP_PARTS = {"self_attn_out_proj": "attn.out_proj.weight", "mlp_fc1": "mlp.c_fc.weight",
                    "mlp_fc2": "mlp.c_proj.weight"}
 
-# text encoders per architecture: (kohya module prefix, checkpoint key prefix, kind)
+# text encoders per architecture: (kohya module prefix, checkpoint key prefix, kind). The OpenCLIP
+# encoders are stored as OpenCLIP (fused in_proj) in LDM checkpoints and in A1111's model, and
+# converted to the HF CLIP layout (separate q/k/v) in Forge's model, presented under ``transformer.``.
 _ENCODERS = {
     "sd1": (("lora_te_", "cond_stage_model.transformer.", "clip"),),
-    "sd2": (("lora_te_", "cond_stage_model.model.", "openclip"),),
+    "sd2": (("lora_te_", "cond_stage_model.model.", "openclip"), ("lora_te_", "cond_stage_model.transformer.", "clip")),
     "sdxl": (("lora_te1_", "conditioner.embedders.0.transformer.", "clip"),
-             ("lora_te2_", "conditioner.embedders.1.model.", "openclip")),
+             ("lora_te2_", "conditioner.embedders.1.model.", "openclip"),
+             ("lora_te2_", "conditioner.embedders.1.transformer.", "clip")),
 }
 
 
@@ -33,7 +36,7 @@ def checkpoint_arch(keys: list[str]) -> str:
     """sd1 / sd2 / sdxl from the checkpoint's keys (A1111's own tests), or a LoraMergeError."""
     if not any(k.startswith(UNET) for k in keys):
         raise LoraMergeError("not an LDM-format Stable Diffusion checkpoint (no model.diffusion_model.* keys)")
-    if any(k.startswith("conditioner.embedders.1.model.") for k in keys):
+    if any(k.startswith(("conditioner.embedders.1.model.", "conditioner.embedders.1.transformer.")) for k in keys):
         return "sdxl"
     if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
         raise LoraMergeError("an SDXL refiner checkpoint: LoRAs are trained for the base model, not supported")
@@ -64,13 +67,16 @@ class Target:
 class CheckpointLayout:
     """Module name → Target for one checkpoint."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], non_float: set[str] | frozenset[str] = frozenset()):
+    def __init__(self, shapes: dict[str, tuple[int, ...]], non_float: set[str] | frozenset[str] = frozenset(),
+                 arch: str | None = None):
         self.shapes = shapes
         self.non_float = non_float  # integer / bool tensors: never patched
-        self.arch = checkpoint_arch(list(shapes))
+        # a loaded model says what it is (an SD2 TE in the HF layout looks like SD1's by its keys)
+        self.arch = arch or checkpoint_arch(list(shapes))
         self._unet = self._index(UNET)
         self._clip: dict[str, dict[str, str]] = {}
-        for lora_prefix, ckpt_prefix, kind in _ENCODERS[self.arch]:
+        self._encoders = [e for e in _ENCODERS[self.arch] if any(k.startswith(e[1]) for k in shapes)]
+        for lora_prefix, ckpt_prefix, kind in self._encoders:
             if kind == "clip":
                 self._clip[lora_prefix] = self._index(ckpt_prefix, text_model=True)
 
@@ -91,7 +97,7 @@ class CheckpointLayout:
 
     def target(self, module: str) -> Target | None:
         """Where ``module`` lands, or None when the checkpoint has no such layer."""
-        for lora_prefix, ckpt_prefix, kind in _ENCODERS[self.arch]:
+        for lora_prefix, ckpt_prefix, kind in self._encoders:
             if not module.startswith(lora_prefix):
                 continue
             rest = module[len(lora_prefix):]

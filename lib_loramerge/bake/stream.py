@@ -23,7 +23,7 @@ from ..formats.hashing import BackgroundHashes
 from ..formats.safetensors_io import TensorSpec, write_safetensors
 from ..formats.tensorfile import TensorFile, open_tensor_file
 from ..model import LoraModule, NetworkModule
-from ..ops.dora import apply_dora
+from ..ops.dora import SEMANTICS, apply_dora
 from ..ops.merge import MergeInput, check_device, common_arch
 from ..runtime import torch_threads
 from .keymap import CheckpointLayout, Target, fit_problem
@@ -130,15 +130,20 @@ def _add_lora(region: torch.Tensor, module: LoraModule, strength: float, scratch
 
 
 def patched_tensor(tf: TensorFile, key: str, patches: list[_Patch], device: torch.device,
-                   scratch: Scratch | None = None) -> torch.Tensor:
+                   scratch: Scratch | None = None, semantics: str = "a1111") -> torch.Tensor:
+    """The checkpoint tensor ``key`` with every patch applied (see :func:`patched_weight`)."""
+    return patched_weight(tf.get(key), patches, device, scratch, semantics)
+
+
+def patched_weight(source: torch.Tensor, patches: list[_Patch], device: torch.device,
+                   scratch: Scratch | None = None, semantics: str = "a1111") -> torch.Tensor:
     """W with every patch applied in input order, accumulated in fp32 on ``device``.
 
     A LoRA/LoHa/LoKr patch adds strength·ΔW. A DoRA patch re-normalises the weight as it stands
-    after the earlier patches (A1111 applies networks one after another, in prompt order): the
-    block weight scales ΔW inside the decomposition, the prompt strength the result. With a
+    after the earlier patches (both WebUIs apply networks one after another, in prompt order), by
+    the rule of the WebUI that will use the result (``semantics``, see :mod:`..ops.dora`). With a
     ``scratch``, the result is a view of its buffer, valid until the next call with it.
     """
-    source = tf.get(key)
     if scratch is None:
         weight = source.to(device=device, dtype=torch.float32, copy=True)
     else:
@@ -147,7 +152,8 @@ def patched_tensor(tf: TensorFile, key: str, patches: list[_Patch], device: torc
     for p in patches:
         region = weight if p.target.rows is None else weight[p.target.rows[0]:p.target.rows[1]]
         if p.module.algo == "dora":
-            new = apply_dora(region.reshape(p.module.weight_shape), p.module, p.multiplier, inner_scale=p.ratio)
+            new = apply_dora(region.reshape(p.module.weight_shape), p.module, p.multiplier, inner_scale=p.ratio,
+                             semantics=semantics)
             region.copy_(new.reshape(region.shape))
         elif scratch is not None and isinstance(p.module, LoraModule) and \
                 region.numel() == math.prod(p.module.weight_shape):
@@ -161,13 +167,16 @@ def bake(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], out: str |
          dtype: torch.dtype | None = torch.float16, device: str = "cpu", overwrite: bool = False,
          allow_unmatched: bool = False, progress: Progress | None = None,
          metadata: dict[str, str] | None = None, finalize: Callable[[str], dict[str, str]] | None = None,
-         ) -> tuple[BakeReport, dict[str, str]]:
+         semantics: str = "a1111") -> tuple[BakeReport, dict[str, str]]:
     """Write ``checkpoint`` + the inputs' ΔW to ``out``; returns the report and the metadata written.
 
     ``dtype``: floating-point tensors are written in it (None: each keeps its own). ``metadata``
     is added to the checkpoint's own; ``finalize(checkpoint_sha256)`` may return late metadata
     values (same length as their placeholders), e.g. a recipe holding the checkpoint's hash.
+    ``semantics``: whose DoRA rule to follow, ``"a1111"`` or ``"forge"`` (the WebUI that will run it).
     """
+    if semantics not in SEMANTICS:
+        raise LoraMergeError(f"unknown semantics '{semantics}' (choose {' or '.join(SEMANTICS)})")
     started = time.perf_counter()
     dev = check_device(device)
     if not inputs:
@@ -191,7 +200,7 @@ def bake(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], out: str |
         if not patches:
             raise LoraMergeError("no LoRA module matches a layer of this checkpoint; nothing to bake", tf.path)
         hasher = BackgroundHashes([tf.path], whole=True)
-        specs = _specs(tf, patches, dtype, dev)
+        specs = _specs(tf, patches, dtype, dev, semantics)
         meta = {**tf.metadata, **(metadata or {})}
         late = (lambda: finalize(hasher.result())) if finalize else None
         # three things overlap: this thread writes, a prefetch thread computes W + ΔW, the hasher
@@ -207,7 +216,7 @@ def bake(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], out: str |
 
 
 def _specs(tf: TensorFile, patches: dict[str, list[_Patch]], dtype: torch.dtype | None,
-           device: torch.device) -> list[TensorSpec]:
+           device: torch.device, semantics: str) -> list[TensorSpec]:
     """What to write for every checkpoint tensor: patched (computed, checked), cast, or copied as bytes.
 
     Producers run one after another on the writer's prefetch thread, so they share one scratch.
@@ -217,8 +226,8 @@ def _specs(tf: TensorFile, patches: dict[str, list[_Patch]], dtype: torch.dtype 
     for key, info in tf.infos.items():
         out_dtype = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
         if key in patches:
-            specs.append(TensorSpec(key, out_dtype, info.shape, _patcher(tf, key, patches[key], device, scratch),
-                                    check="result"))
+            specs.append(TensorSpec(key, out_dtype, info.shape,
+                                    _patcher(tf, key, patches[key], device, scratch, semantics), check="result"))
         elif out_dtype == info.dtype and (raw := tf.byte_range(key)) is not None:
             specs.append(TensorSpec(key, out_dtype, info.shape, raw))  # copied by the kernel, never read here
         else:
@@ -227,8 +236,8 @@ def _specs(tf: TensorFile, patches: dict[str, list[_Patch]], dtype: torch.dtype 
 
 
 def _patcher(tf: TensorFile, key: str, patches: list[_Patch], device: torch.device,
-             scratch: Scratch) -> Callable[[], torch.Tensor]:
-    return lambda: patched_tensor(tf, key, patches, device, scratch)
+             scratch: Scratch, semantics: str) -> Callable[[], torch.Tensor]:
+    return lambda: patched_tensor(tf, key, patches, device, scratch, semantics)
 
 
 def _reader(tf: TensorFile, key: str) -> Callable[[], torch.Tensor]:

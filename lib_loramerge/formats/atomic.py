@@ -141,7 +141,13 @@ def publish(tmp: Path, path: Path, overwrite: bool) -> None:
 
 def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
     if overwrite:
+        try:
+            replaced = path.stat()
+        except OSError:
+            replaced = None
         os.replace(tmp, path)
+        if replaced is not None:
+            _newer_than(path, replaced.st_mtime_ns)
         return
     try:
         os.link(tmp, path)  # atomic "create if absent", even if another process raced us
@@ -155,6 +161,15 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
         os.rename(tmp, path)
         return
     tmp.unlink()
+
+
+def _newer_than(path: Path, mtime_ns: int) -> None:
+    """A file replacing another must look newer: A1111 reloads a LoRA only when its mtime grew, and a
+    coarse clock or file system (FAT: 2 s) could give the new file the old one's time."""
+    with contextlib.suppress(OSError):
+        st = path.stat()
+        if st.st_mtime_ns <= mtime_ns:
+            os.utime(path, ns=(st.st_atime_ns, mtime_ns + 2_000_000_000))
 
 
 def fsync_dir(folder: Path) -> None:

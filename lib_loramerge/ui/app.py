@@ -22,6 +22,7 @@ ELEM = "lora_merger"
 MODES = ["svd", "concat", "add"]
 DTYPES = ["fp16", "bf16", "fp32"]
 BAKE_DTYPES = [*DTYPES, "keep"]
+BAKE_TARGETS = ["a checkpoint file", "the loaded model"]
 MODE_HELP = ("svd: best rank-k approximation of the exact sum · concat: exact, rank = sum of ranks · "
              "add: the classic factor sum (approximate, equal ranks only)")
 
@@ -114,13 +115,13 @@ class LoraRows:
         return values + [gr.update(visible=i < shown) for i in range(MAX_ROWS)] + [shown]
 
 
-def _refresh_button(host: Host, dropdowns: list[gr.Dropdown], refresh: Callable[[], None],
-                    choices: Callable[[], list[str]], elem_id: str):
-    """🔄: ``refresh()`` (the host re-reads its folders), then ``choices()`` into ``dropdowns``."""
-    made = host.refresh_button(dropdowns, refresh, lambda: {"choices": choices()}, elem_id)
-    if made is not None:
-        return made
-    button = gr.Button("🔄", elem_id=elem_id, size="sm", scale=0, min_width=40)
+def _refresh_button(dropdowns: list[gr.Dropdown], refresh: Callable[[], None], choices: Callable[[], list[str]],
+                    elem_id: str):
+    """"Refresh": ``refresh()`` (the host re-reads its folders), then ``choices()`` into ``dropdowns``.
+
+    A word, not 🔄: without an emoji font (headless browsers, many Linux desktops) a symbol-only
+    button is an empty box."""
+    button = gr.Button("Refresh", elem_id=elem_id, size="sm", scale=0, min_width=80)
 
     def click():
         refresh()
@@ -138,8 +139,7 @@ def _lora_rows(host: Host, prefix: str, lora_choices: list[str], preset_choices:
             rows.rows.append(row)
             rows.loras.append(gr.Dropdown(choices=lora_choices, value=None, label=f"LoRA {i + 1}", scale=4,
                                           elem_id=f"{prefix}_lora_{i}"))
-            _refresh_button(host, [rows.loras[i]], host.refresh_loras, lambda: list(host.loras()),
-                            f"{prefix}_refresh_{i}")
+            _refresh_button([rows.loras[i]], host.refresh_loras, lambda: list(host.loras()), f"{prefix}_refresh_{i}")
             rows.unets.append(gr.Number(value=1.0, label="UNet strength", scale=1, min_width=90,
                                         elem_id=f"{prefix}_unet_{i}"))
             rows.tes.append(gr.Number(value=1.0, label="TE strength", scale=1, min_width=90,
@@ -149,8 +149,8 @@ def _lora_rows(host: Host, prefix: str, lora_choices: list[str], preset_choices:
                                             elem_id=f"{prefix}_weights_{i}"))
     rows.shown = gr.State(START_ROWS)
     with gr.Row():
-        add = gr.Button("➕ Add LoRA", size="sm", elem_id=f"{prefix}_add")
-        remove = gr.Button("➖ Remove last", size="sm", elem_id=f"{prefix}_remove")
+        add = gr.Button("+ Add LoRA", size="sm", elem_id=f"{prefix}_add")
+        remove = gr.Button("- Remove last", size="sm", elem_id=f"{prefix}_remove")
 
     def change(shown: int, delta: int):
         shown = max(1, min(MAX_ROWS, int(shown) + delta))
@@ -209,6 +209,8 @@ def build_tab(host: Host) -> gr.Blocks:
             lambda: gr.update(choices=list(host.checkpoints())),  # the new checkpoint is listed
             inputs=[], outputs=[b.checkpoint], show_progress="hidden", queue=False)
         b.stop.click(host.interrupt, inputs=[], outputs=[], queue=False)
+        if b.live_buttons:
+            _wire_live(host, b)
 
         def default_checkpoint(chosen: str | None):
             # the model loaded now, unless the user already chose one (the WebUI may load one after start-up)
@@ -217,8 +219,44 @@ def build_tab(host: Host) -> gr.Blocks:
             value = chosen if chosen in choices else current if current in choices else None
             return gr.update(choices=choices, value=value)
 
-        bake_tab.select(default_checkpoint, inputs=[b.checkpoint], outputs=[b.checkpoint], queue=False)
+        bake_tab.select(default_checkpoint, inputs=[b.checkpoint], outputs=[b.checkpoint], queue=False).then(
+            lambda: handlers.live_status(host), inputs=[], outputs=[b.status], queue=False, show_progress="hidden")
     return tab
+
+
+def _wire_live(host: Host, b: BakePanel) -> None:
+    """The loaded-model buttons: apply / revert / save, each refreshing the status line after."""
+    apply_button, revert_button, save_button, stop_button = b.live_buttons
+
+    def show_target(target: str):
+        live = target == BAKE_TARGETS[1]
+        return gr.update(visible=not live), gr.update(visible=not live), gr.update(visible=live)
+
+    b.target.change(show_target, inputs=[b.target], outputs=[b.checkpoint_row, b.file_buttons, b.live_row],
+                    queue=False)
+
+    def request(values: list) -> handlers.LiveRequest:
+        *row_values, dtype, _device, output, overwrite, allow_unmatched = values
+        return handlers.LiveRequest(rows=LoraRows.parse(row_values), output=output, dtype=dtype,
+                                    overwrite=bool(overwrite), allow_unmatched=bool(allow_unmatched))
+
+    def run_apply(progress=gr.Progress(), *values):  # noqa: B008
+        return handlers.live_apply(host, request(list(values)), _progress_bridge(progress, "baking", "weights")).message
+
+    def run_revert(progress=gr.Progress()):  # noqa: B008
+        return handlers.live_revert(host, _progress_bridge(progress, "reverting", "weights")).message
+
+    def run_save(progress=gr.Progress(), *values):  # noqa: B008
+        return handlers.live_save(host, request(list(values)), _progress_bridge(progress, "saving", "tensors")).message
+
+    status = {"fn": lambda: handlers.live_status(host), "inputs": [], "outputs": [b.status], "queue": False,
+              "show_progress": "hidden"}
+    apply_button.click(run_apply, inputs=[*b.rows.inputs, *b.settings], outputs=[b.result]).then(**status)
+    revert_button.click(run_revert, inputs=[], outputs=[b.result]).then(**status)
+    save_button.click(run_save, inputs=[*b.rows.inputs, *b.settings], outputs=[b.result]).then(
+        lambda: gr.update(choices=list(host.checkpoints())), inputs=[], outputs=[b.checkpoint],
+        show_progress="hidden", queue=False)
+    stop_button.click(host.interrupt, inputs=[], outputs=[], queue=False)
 
 
 def _cuda() -> bool:
@@ -290,6 +328,12 @@ class BakePanel:
     bake: gr.Button
     stop: gr.Button
     result: gr.Textbox
+    target: gr.Radio
+    checkpoint_row: gr.Row
+    file_buttons: gr.Row
+    live_row: gr.Row
+    live_buttons: list  # apply, revert, save, stop (a WebUI only)
+    status: gr.Markdown
 
 
 def _bake_panel(host: Host, lora_choices: list[str], preset_choices: list[str], device_choices: list[str]) -> BakePanel:
@@ -302,10 +346,15 @@ def _bake_panel(host: Host, lora_choices: list[str], preset_choices: list[str], 
     else:
         gr.Markdown(f"Bake LoRAs into a checkpoint: W' = W + Σ strength · ΔW, saved in **{folder}**. "
                     "Strengths and block weights mean what they mean in a prompt.")
-    with gr.Row(equal_height=True):
+    target = gr.Radio(BAKE_TARGETS, value=BAKE_TARGETS[1] if host.supports_live_bake else BAKE_TARGETS[0],
+                      label="Bake into", elem_id=f"{p}_target", visible=host.supports_live_bake,
+                      info="the loaded model: patched in place on the WebUI's device, generate at once, revert "
+                           "exactly; save it as a file when it is right")
+    live_default = host.supports_live_bake
+    with gr.Row(equal_height=True, visible=not live_default) as checkpoint_row:
         checkpoint = gr.Dropdown(choices=checkpoints, value=current if current in checkpoints else None,
                                  label="Checkpoint", elem_id=f"{p}_checkpoint", scale=4)
-        _refresh_button(host, [checkpoint], host.refresh_checkpoints, lambda: list(host.checkpoints()),
+        _refresh_button([checkpoint], host.refresh_checkpoints, lambda: list(host.checkpoints()),
                         f"{p}_checkpoint_refresh")
     rows = _lora_rows(host, p, lora_choices, preset_choices)
     _prompt_filler(host, rows, p)
@@ -319,18 +368,27 @@ def _bake_panel(host: Host, lora_choices: list[str], preset_choices: list[str], 
             overwrite = gr.Checkbox(value=False, label="Overwrite", elem_id=f"{p}_overwrite")
             allow_unmatched = gr.Checkbox(value=False, label="Bake even if some modules match no layer",
                                           elem_id=f"{p}_allow_unmatched")
-    with gr.Row():
+    with gr.Row(visible=not live_default) as file_buttons:
         bake = gr.Button("Bake", variant="primary", elem_id=f"{p}_button", scale=4, interactive=folder is not None)
         stop = gr.Button("Stop", elem_id=f"{p}_stop", scale=1)
+    live_buttons = []
+    with gr.Row(visible=live_default) as live_row:
+        if host.supports_live_bake:
+            live_buttons = [gr.Button("Apply to the loaded model", variant="primary", elem_id=f"{p}_live_apply", scale=3),
+                            gr.Button("Revert", elem_id=f"{p}_live_revert", scale=1),
+                            gr.Button("Save as checkpoint", elem_id=f"{p}_live_save", scale=2),
+                            gr.Button("Stop", elem_id=f"{p}_live_stop", scale=1)]
+    status = gr.Markdown(handlers.live_status(host), elem_id=f"{p}_live_status", visible=host.supports_live_bake)
     result = gr.Textbox(label="Result", lines=10, max_lines=30, interactive=False, elem_id=f"{p}_result")
-    return BakePanel(checkpoint, rows, [dtype, device, output, overwrite, allow_unmatched], bake, stop, result)
+    return BakePanel(checkpoint, rows, [dtype, device, output, overwrite, allow_unmatched], bake, stop, result,
+                     target, checkpoint_row, file_buttons, live_row, live_buttons, status)
 
 
 def _inspect_panel(host: Host, lora_choices: list[str]) -> gr.Dropdown:
     p = f"{ELEM}_inspect"
     with gr.Row(equal_height=True):
         lora = gr.Dropdown(choices=lora_choices, value=None, label="LoRA", elem_id=f"{p}_lora", scale=4)
-        _refresh_button(host, [lora], host.refresh_loras, lambda: list(host.loras()), f"{p}_refresh")
+        _refresh_button([lora], host.refresh_loras, lambda: list(host.loras()), f"{p}_refresh")
         button = gr.Button("Inspect", variant="primary", elem_id=f"{p}_button", scale=1)
     summary = gr.Markdown(elem_id=f"{p}_summary")
     chart = NORM_CHART.component(f"{p}_chart")

@@ -153,6 +153,13 @@ def job_progress(host: Host, ui_progress: UiProgress | None) -> Callable[[int, i
     return report
 
 
+def waiting(ui_progress: UiProgress | None) -> Callable[[str], None] | None:
+    """What a job shows while it waits for the WebUI's running generation (or the standalone UI's job)."""
+    if ui_progress is None:
+        return None
+    return lambda message: ui_progress(0, 1, message)
+
+
 def merge(host: Host, request: MergeRequest, ui_progress: UiProgress | None = None) -> Outcome:
     """Merge the used rows into ``request.output`` in the host's LoRA folder."""
     try:
@@ -173,8 +180,8 @@ def merge(host: Host, request: MergeRequest, ui_progress: UiProgress | None = No
             return merge_to_file(inputs, options, out, overwrite=request.overwrite,
                                  progress=job_progress(host, ui_progress), notes=notes)
 
-        done = host.run_job(f"LoRA merge → {out.name}", job)
-        host.refresh_loras()
+        done = host.run_job(f"LoRA merge → {out.name}", job, on_wait=waiting(ui_progress))
+        done.report.notes += host.lora_written(done.path)
         chart = None
         if done.report.energy:
             pooled = block_energy(done.report.energy, done.report.target_energy, done.arch)
@@ -214,12 +221,115 @@ def bake(host: Host, request: BakeRequest, ui_progress: UiProgress | None = None
             inputs, notes = prepare_inputs(specs, presets)
             return bake_to_file(checkpoint, inputs, out, dtype=dtype, device=device, overwrite=request.overwrite,
                                 allow_unmatched=request.allow_unmatched, progress=job_progress(host, ui_progress),
-                                notes=notes)
+                                notes=notes, semantics=host.semantics())
 
-        done = host.run_job(f"LoRA bake → {out.name}", job)
-        host.refresh_checkpoints()
+        done = host.run_job(f"LoRA bake → {out.name}", job, on_wait=waiting(ui_progress))
+        done.report.notes += host.checkpoint_written(done.path)
         return Outcome(True, reports.format_bake_report(done.report, done.path), path=done.path)
     except Exception as e:  # noqa: BLE001 (every failure becomes a message)
+        return Outcome(False, describe_error(e))
+
+
+@dataclass
+class LiveRequest:
+    """Bake into the loaded model: the rows to apply; for Save, the file name, dtype and overwrite flag."""
+
+    rows: list[LoraRow] = field(default_factory=list)
+    output: str = ""
+    dtype: str = "fp16"
+    overwrite: bool = False
+    allow_unmatched: bool = False
+
+
+def live_status(host: Host) -> str:
+    """One line for the panel: what is baked into the loaded model now."""
+    if not host.supports_live_bake:
+        return "The loaded model: only inside a WebUI."
+    bake = host.live_bake()
+    if bake is None:
+        return "No live bake: the loaded model has its own weights."
+    return (f"Live bake active: {bake.label} — {bake.report.modules_baked} modules in {bake.report.keys_patched} "
+            f"weights; the originals take {bake.snapshot_bytes / 2**20:.0f} MiB of CPU memory (hash "
+            f"{bake.recipe_hash}).")
+
+
+def _revert_active(host: Host) -> str | None:
+    from ..bake import live
+
+    bake = host.live_bake()
+    if bake is None:
+        return None
+    live.revert(host.live_model(), bake)
+    host.set_live_bake(None)
+    return bake.label
+
+
+def live_apply(host: Host, request: LiveRequest, ui_progress: UiProgress | None = None) -> Outcome:
+    """Patch the loaded model with the rows (reverting an active live bake first)."""
+    try:
+        from ..bake import live
+
+        specs = specs_from_rows(host, request.rows)
+        presets = host.presets() if any(s.lbw for s in specs) else None
+
+        def job():
+            inputs, notes = prepare_inputs(specs, presets)
+            reverted = _revert_active(host)
+            bake = live.apply(host.live_model(), inputs, allow_unmatched=request.allow_unmatched,
+                              progress=job_progress(host, ui_progress))
+            host.set_live_bake(bake)
+            bake.report.notes[:0] = notes + ([f"reverted the previous live bake first ({reverted})"] if reverted else [])
+            return bake
+
+        bake = host.run_job("LoRA bake into the loaded model", job, on_wait=waiting(ui_progress))
+        lines = [f"baked into the loaded model ({bake.report.checkpoint}): {bake.label}",
+                 f"modules baked: {bake.report.modules_baked} into {bake.report.keys_patched} weights "
+                 f"({bake.report.seconds:.1f} s); originals kept on the CPU: {bake.snapshot_bytes / 2**20:.0f} MiB",
+                 *[f"note: {n}" for n in bake.report.notes],
+                 "Generate now: prompt <lora:…> tags stack on the baked weights. Revert restores the model exactly."]
+        return Outcome(True, "\n".join(lines))
+    except Exception as e:  # noqa: BLE001
+        return Outcome(False, describe_error(e))
+
+
+def live_revert(host: Host, ui_progress: UiProgress | None = None) -> Outcome:
+    try:
+        reverted = host.run_job("LoRA bake: revert", lambda: _revert_active(host), on_wait=waiting(ui_progress))
+        if reverted is None:
+            return Outcome(True, "nothing to revert: no live bake is active on the loaded model")
+        return Outcome(True, f"reverted: the loaded model has its own weights again (was: {reverted})")
+    except Exception as e:  # noqa: BLE001
+        return Outcome(False, describe_error(e))
+
+
+def live_save(host: Host, request: LiveRequest, ui_progress: UiProgress | None = None) -> Outcome:
+    """Write the live bake as a checkpoint: the streaming file bake of the loaded checkpoint's file."""
+    try:
+        from ..formats.writer import parse_dtype
+        from ..jobs import bake_to_file
+
+        bake = host.live_bake()
+        if bake is None:
+            raise LoraMergeError("no live bake to save: apply one first")
+        folder = host.checkpoint_dir()
+        source = host.loaded_checkpoint_file()
+        if folder is None or source is None:
+            raise LoraMergeError("the loaded model's checkpoint file is not known; bake into a file instead")
+        out = output_path(request.output, folder)
+        if out.resolve() == source.resolve():
+            raise LoraMergeError("the output would replace the loaded checkpoint; choose another name", out)
+        check_output(out, request.overwrite)
+        dtype = None if request.dtype == "keep" else parse_dtype(request.dtype)
+
+        def job():  # the file bake (CPU, streaming): exact, no GPU memory, atomic
+            return bake_to_file(source, bake.inputs, out, dtype=dtype, device="cpu", overwrite=request.overwrite,
+                                allow_unmatched=True, progress=job_progress(host, ui_progress),
+                                semantics=host.semantics(), source="live bake")
+
+        done = host.run_job(f"LoRA bake: save → {out.name}", job, on_wait=waiting(ui_progress))
+        done.report.notes += host.checkpoint_written(done.path)
+        return Outcome(True, reports.format_bake_report(done.report, done.path), path=done.path)
+    except Exception as e:  # noqa: BLE001
         return Outcome(False, describe_error(e))
 
 

@@ -11,11 +11,14 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from ..blocks.presets import PresetBook, load_presets
 from ..blocks.prompt import LORA_SUFFIXES
 from ..errors import LoraMergeError
+
+if TYPE_CHECKING:
+    from ..bake.live import LiveBake, LiveModel
 
 T = TypeVar("T")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
@@ -92,13 +95,9 @@ class Host:
 
         return default_device()
 
-    def refresh_button(self, dropdowns: list, refresh: Callable[[], None], choices: Callable[[], dict],
-                       elem_id: str):
-        """A refresh button in the host's own style, wired to update ``dropdowns`` with ``choices()``.
-
-        None: the tab makes a plain one (the standalone UI).
-        """
-        return None
+    def semantics(self) -> str:
+        """Whose DoRA rule a bake follows: the WebUI that will use the result ("a1111" or "forge")."""
+        return "a1111"
 
     # -- after a job ----------------------------------------------------------------------------
     def refresh_loras(self) -> None:
@@ -107,9 +106,41 @@ class Host:
     def refresh_checkpoints(self) -> None:
         """Make the host see checkpoint files that appeared since it last looked."""
 
+    def lora_written(self, path: Path) -> list[str]:
+        """A LoRA file was written (maybe over one the host has cached): make the host use the new bytes.
+
+        Returns notes for the user."""
+        self.refresh_loras()
+        return []
+
+    def checkpoint_written(self, path: Path) -> list[str]:
+        """A checkpoint file was written (maybe over the loaded one); returns notes for the user."""
+        self.refresh_checkpoints()
+        return []
+
+    # -- the loaded model (WebUIs only) -----------------------------------------------------------
+    supports_live_bake = False
+
+    def live_model(self) -> LiveModel:
+        """The model the host has loaded, for a live bake; a LoraMergeError when there is none."""
+        raise LoraMergeError("baking into the loaded model needs a running WebUI with a model loaded")
+
+    def live_bake(self) -> LiveBake | None:
+        """The live bake applied to the loaded model, if any (None once that model is unloaded)."""
+        return None
+
+    def set_live_bake(self, bake: LiveBake | None) -> None:
+        raise LoraMergeError("baking into the loaded model needs a running WebUI")
+
+    def loaded_checkpoint_file(self) -> Path | None:
+        """The file the loaded model came from."""
+        return None
+
     # -- running a job --------------------------------------------------------------------------
-    def run_job(self, title: str, job: Callable[[], T]) -> T:
-        """Run ``job`` exclusively (never beside another job or, in a WebUI, an image generation)."""
+    def run_job(self, title: str, job: Callable[[], T], on_wait: Callable[[str], None] | None = None) -> T:
+        """Run ``job`` exclusively (never beside another job or, in a WebUI, an image generation).
+
+        ``on_wait(message)`` is called first when the job has to wait for one that is running."""
         raise NotImplementedError
 
     def job_progress(self, done: int, total: int, what: str) -> None:
@@ -147,7 +178,9 @@ class StandaloneHost(Host):
     def device(self) -> str:
         return self._device or super().device()
 
-    def run_job(self, title: str, job: Callable[[], T]) -> T:
+    def run_job(self, title: str, job: Callable[[], T], on_wait: Callable[[str], None] | None = None) -> T:
+        if on_wait is not None and self._lock.locked():
+            on_wait("waiting for the running job to finish…")
         with self._lock:
             self._stop.clear()
             try:
