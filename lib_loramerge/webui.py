@@ -106,8 +106,10 @@ class WebUIHost(Host):
         they applied (their backups stay) and re-apply at the next generation. Forge caches LoRA
         files by name (``networks.load_lora_state_dict``, an lru_cache) and skips re-merging when
         the (file, strengths) list and each LoraLoader's patch list are unchanged: all three are
-        reset. Both rescan the folder (new hash and metadata)."""
+        reset. Both rescan the folder (new hash and metadata), and both would reuse the conditioning
+        of an unchanged prompt computed with the old file's text-encoder layers: that cache is reset."""
         self.refresh_loras()
+        _reset_cond_cache()
         try:
             import networks
         except ImportError:

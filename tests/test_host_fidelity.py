@@ -150,6 +150,7 @@ def test_forge_forgets_a_rewritten_lora(fake, monkeypatch):
 
 
 def test_a1111_reapplies_a_rewritten_lora(fake):
+    fake.modules["modules.processing"].StableDiffusionProcessing.cached_c = ["cond of the old file", None]
     layers = [torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]
     layers[0].network_current_names, layers[0].network_weights_backup = (("style_a", 1.0, 1.0, None),), "kept"
     layers[1].network_current_names = ()
@@ -163,6 +164,8 @@ def test_a1111_reapplies_a_rewritten_lora(fake):
     assert outcome.ok, outcome.message
     assert old.stat().st_mtime_ns > 10**19  # networks.load_networks reloads files whose mtime grew
     assert layers[0].network_current_names == () and layers[0].network_weights_backup == "kept"  # re-applied
+    processing = fake.modules["modules.processing"].StableDiffusionProcessing
+    assert processing.cached_c == [None, None]  # the same prompt's conditioning is computed with the new file
 
 
 def test_overwriting_the_loaded_checkpoint_is_reported(fake, tmp_path, monkeypatch):
