@@ -65,8 +65,8 @@ SD1_META = {"ss_base_model_version": "sd_v1"}  # narrow shapes do not tell the a
 def _loras(folder, arch="sd1"):
     a = write_kohya(folder / "style.safetensors", make_modules(arch, rank=4, alpha=2, seed=1, width_divisor=D, only=ONLY),
                     dtype=torch.float16, metadata=SD1_META)
-    b = write_kohya(folder / "detail.safetensors", make_modules(arch, rank=2, seed=2, width_divisor=D, only="attn2|mlp"),
-                    metadata=SD1_META)
+    b = write_kohya(folder / "detail.safetensors",
+                    make_modules(arch, rank=2, seed=2, width_divisor=D, only="attn2|mlp|self_attn_k"), metadata=SD1_META)
     return a, b
 
 
@@ -105,12 +105,13 @@ def _file_bake(tmp_path, ckpt, paths, name, extra=()):
 
 # ---- A1111 -------------------------------------------------------------------------------------------------
 
-def test_apply_equals_the_file_bake_and_revert_is_bit_exact(webui_fake, tmp_path, capsys):
-    model, _ = _a1111(webui_fake, tmp_path)
+@pytest.mark.parametrize("arch", ["sd1", "sd2"])  # SD2: OpenCLIP's fused q/k/v in A1111's MultiheadAttention
+def test_apply_equals_the_file_bake_and_revert_is_bit_exact(webui_fake, tmp_path, capsys, arch):
+    model, _ = _a1111(webui_fake, tmp_path, arch=arch)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    paths = _loras(tmp_path)
+    paths = _loras(tmp_path, arch)
     host = webui.WebUIHost()
-    bake = live.apply(host.live_model(), _inputs(paths))
+    bake = live.apply(host.live_model(), _inputs(paths, arch=arch))
     baked, _ = _file_bake(tmp_path, tmp_path / "base.safetensors", paths, "file.safetensors")
     changed = 0
     for name, p in model.named_parameters():

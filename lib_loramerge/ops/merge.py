@@ -131,6 +131,7 @@ class MergeReport:
     # svd: ‖ΔW‖_F² of each module's exact target, so retained fractions can be pooled by energy (per block, say)
     target_energy: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    device: str = "cpu"  # where the merge's products ran (small r×r decompositions: always the CPU)
     seconds: float = 0.0  # the merge itself
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of the whole job (read, math, write)
 
@@ -145,7 +146,8 @@ class MergeReport:
         return {"mode": self.mode, "inputs": self.inputs, "modules_out": self.modules_out,
                 "dropped": [{"module": n, "why": w} for n, w in self.dropped],
                 "ranks_by_kind": {k: {str(r): n for r, n in sorted(v.items())} for k, v in self.ranks_by_kind.items()},
-                "energy": self.energy_summary(), "notes": self.notes, "seconds": round(self.seconds, 3),
+                "energy": self.energy_summary(), "notes": self.notes, "device": self.device,
+                "seconds": round(self.seconds, 3),
                 "timings": {k: round(v, 3) for k, v in self.timings.items()}}
 
 
@@ -230,6 +232,7 @@ def merge_loras(inputs: Sequence[MergeInput], options: MergeOptions,
     for inp in inputs:
         names.update(dict.fromkeys(inp.lora.modules))
     device = check_device(options.device)
+    report.device = str(device)
 
     def parts_of(name: str) -> list[_Part]:
         return [_Part(inp.lora.name, inp.lora.modules[name], inp.strength(name))
