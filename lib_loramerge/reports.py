@@ -60,13 +60,16 @@ def _rank_lines(ranks_by_kind: dict) -> list[str]:
 
 
 def format_extract_report(report, path) -> str:
+    identical = [name for name, why in report.skipped if why == "identical in both checkpoints"]
+    others = [(name, why) for name, why in report.skipped if why != "identical in both checkpoints"]
     lines = [f"wrote {display_path(path)} ({PRETTY.get(report.arch, report.arch)} LoRA: {report.tuned} − {report.base})",
-             f"modules: {report.modules_out} written, {len(report.skipped)} skipped"]
+             f"modules: {report.modules_out} written, {len(report.skipped)} skipped"
+             + (f" ({len(identical)} identical in both checkpoints)" if identical else "")]
     lines += _rank_lines(report.ranks_by_kind)
-    for name, why in report.skipped[:5]:
+    for name, why in others[:5]:
         lines.append(f"  skipped {name}: {why}")
-    if len(report.skipped) > 5:
-        lines.append(f"  … and {len(report.skipped) - 5} more skipped")
+    if len(others) > 5:
+        lines.append(f"  … and {len(others) - 5} more skipped by --min-diff")
     summary = report.summary()
     if summary:
         lines.append(f"energy retained (fraction of ‖ΔW‖²): min {summary['retained_min']:.6f}, "
