@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .bake.extract import ExtractOptions, ExtractReport, extract_lora
+from .bake.extract import ExtractOptions, ExtractReport, check_pair, extract_lora
 from .errors import LoraMergeError, display_path
 from .formats.hashing import BackgroundHashes
 from .formats.tensorfile import check_input_path
@@ -50,6 +50,7 @@ def extract_to_file(base: str | os.PathLike, tuned: str | os.PathLike, out: str 
         raise LoraMergeError("the output would replace one of the checkpoints being read; choose another name", out)
     if base.resolve() == tuned.resolve():
         raise LoraMergeError("base and tuned are the same file: their difference is zero", tuned)
+    check_pair(base, tuned, options)  # a mismatched pair fails here, before gigabytes are hashed
     hashes = BackgroundHashes([base, tuned], whole=True)  # A1111's checkpoint hash, beside the extraction
     result = extract_lora(base, tuned, options, progress)
     report = result.report

@@ -293,3 +293,13 @@ def test_cli_extract_reports_quality_and_fails_in_one_line(tmp_path, bases, caps
     assert not (tmp_path / "no.safetensors").exists()
     with safe_open(str(out), "pt") as f:
         assert math.isfinite(float(f.get_tensor(next(iter(f.keys()))).float().sum()))
+
+
+def test_a_mismatched_pair_is_refused_before_any_checkpoint_is_hashed(tmp_path, bases, monkeypatch):
+    import lib_loramerge.jobs_extract as jobs_extract
+
+    started = []
+    monkeypatch.setattr(jobs_extract, "BackgroundHashes", lambda paths, whole: started.append(paths))
+    with pytest.raises(LoraMergeError, match="extract needs two checkpoints of the same model"):
+        extract_to_file(bases["sd2"], bases["sdxl"], tmp_path / "x.safetensors", ExtractOptions(rank=2))
+    assert started == []

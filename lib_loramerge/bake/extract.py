@@ -17,6 +17,7 @@ conv rank, their linear and 1×1 layers at the rank), as kohya's ``extract_lora_
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import os
 import threading
@@ -24,13 +25,14 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from .. import sdlayouts
 from ..errors import LoraMergeError
 from ..formats.safetensors_io import all_finite
-from ..formats.tensorfile import TensorFile, open_tensor_file
+from ..formats.tensorfile import SAFETENSORS_SUFFIXES, TensorFile, open_tensor_file
 from ..model import CONV, LoraModule, kind_of
 from ..ops.lowrank import split_factors
 from ..ops.merge import MAX_WORKERS, check_device, parallel_map, shaped_module
@@ -197,6 +199,15 @@ def plan_layers(base: TensorFile, tuned: TensorFile, options: ExtractOptions) ->
     return arch, list(layers.values())
 
 
+def check_pair(base_path: str | os.PathLike, tuned_path: str | os.PathLike, options: ExtractOptions) -> str | None:
+    """The pair's architecture when both are safetensors files (headers only), refusing a mismatched pair;
+    None for a ``.ckpt`` (it would be loaded whole just to check it: the extraction checks it instead)."""
+    if not all(Path(p).suffix.lower() in SAFETENSORS_SUFFIXES for p in (base_path, tuned_path)):
+        return None
+    with open_tensor_file(base_path) as base, open_tensor_file(tuned_path) as tuned:
+        return plan_layers(base, tuned, options)[0]
+
+
 def _read_pairs(base: TensorFile, tuned: TensorFile, layers: list[_Layer], stop: threading.Event
                 ) -> Iterator[tuple[_Layer, torch.Tensor, torch.Tensor]]:
     """(layer, base tensor, tuned tensor) in order, read by a thread up to :data:`READ_AHEAD_BYTES` ahead."""
@@ -306,8 +317,9 @@ def extract_lora(base_path: str | os.PathLike, tuned_path: str | os.PathLike, op
         # modules are decomposed in parallel on the CPU (one thread each, as merges do); a few layers
         # ahead at most, so memory holds a handful of layers whatever the checkpoint's size
         window = min(torch.get_num_threads(), MAX_WORKERS) + 1
-        with full_precision_matmul():
-            for outcomes in parallel_map(work, _read_pairs(base, tuned, layers, stop), device, window=window):
+        pairs = _read_pairs(base, tuned, layers, stop)
+        with full_precision_matmul(), contextlib.closing(pairs):  # an interrupt stops the reader thread too
+            for outcomes in parallel_map(work, pairs, device, window=window):
                 for name, outcome in outcomes:
                     if outcome.module is None:
                         report.skipped.append((name, outcome.skipped))
