@@ -44,7 +44,7 @@ from .stream import Scratch
 
 Progress = Callable[[int, int, str], None]
 DEFAULT_RANK = 32
-READ_AHEAD_BYTES = 256 << 20  # tensors read ahead of the decomposition (beside the pair in use)
+READ_AHEAD_BYTES = 128 << 20  # tensors read ahead of the decomposition (beside the pairs in use)
 NOISE = 1e-6
 
 
@@ -265,18 +265,22 @@ def _difference(base_t: torch.Tensor, tuned_t: torch.Tensor, scratch: Scratch, d
     return delta
 
 
-def _largest_entry(delta: torch.Tensor, name: str, layer: _Layer, target: Target,
-                   inputs: tuple[tuple[os.PathLike, torch.Tensor], ...]) -> float:
-    """max |ΔW| of one module; NaN/Inf there is refused, naming the checkpoint that holds it."""
-    low, high = torch.aminmax(delta)
-    largest = max(-float(low), float(high))
-    if not math.isfinite(largest):
+def _size_of_difference(delta: torch.Tensor, name: str, layer: _Layer, target: Target,
+                        inputs: tuple[tuple[os.PathLike, torch.Tensor], ...], min_diff: float) -> tuple[float, float]:
+    """(‖ΔW‖_F², max |ΔW|) of one module — the largest entry only when ``min_diff`` asks for it (0 otherwise:
+    ΔW = 0 is then told by its norm). NaN/Inf is refused, naming the checkpoint that holds it."""
+    energy = float(torch.linalg.vector_norm(delta)) ** 2
+    largest = 0.0
+    if min_diff > 0 and math.isfinite(energy):
+        low, high = torch.aminmax(delta)
+        largest = max(-float(low), float(high))
+    if not (math.isfinite(energy) and math.isfinite(largest)):
         for path, t in inputs:
             part = t if target.rows is None else t[target.rows[0]:target.rows[1]]
             if not all_finite(part):
                 raise LoraMergeError(f"{layer.key} holds NaN or Inf values", path, name)
         raise LoraMergeError(f"tuned − base overflows float32 in {layer.key}", inputs[1][0], name)
-    return largest
+    return energy, largest
 
 
 def extract_lora(base_path: str | os.PathLike, tuned_path: str | os.PathLike, options: ExtractOptions,
@@ -310,8 +314,10 @@ def extract_lora(base_path: str | os.PathLike, tuned_path: str | os.PathLike, op
             outcomes = []
             for name, target in layer.modules:
                 rows = delta if target.rows is None else delta[target.rows[0]:target.rows[1]]
-                largest = _largest_entry(rows, name, layer, target, ((base.path, base_t), (tuned.path, tuned_t)))
-                outcomes.append((name, _extract_module(name, rows, largest, target.weight_shape, policies, options)))
+                energy, largest = _size_of_difference(rows, name, layer, target,
+                                                      ((base.path, base_t), (tuned.path, tuned_t)), options.min_diff)
+                outcomes.append((name, _extract_module(name, rows, energy, largest, target.weight_shape, policies,
+                                                       options)))
             return outcomes
 
         # modules are decomposed in parallel on the CPU (one thread each, as merges do); a few layers
@@ -347,14 +353,15 @@ class _Outcome:
     skipped: str = ""  # why there is no module
 
 
-def _extract_module(name: str, delta: torch.Tensor, largest: float, weight_shape: tuple[int, ...],
+def _extract_module(name: str, delta: torch.Tensor, energy: float, largest: float, weight_shape: tuple[int, ...],
                     policies: dict[str, RankPolicy], options: ExtractOptions) -> _Outcome:
-    if largest <= options.min_diff:
-        return _Outcome(None, skipped="identical in both checkpoints" if largest == 0 else
-                        f"largest |ΔW| {largest:.3g} ≤ --min-diff {options.min_diff:g}")
+    if energy == 0:
+        return _Outcome(None, skipped="identical in both checkpoints")
+    if options.min_diff > 0 and largest <= options.min_diff:
+        return _Outcome(None, skipped=f"largest |ΔW| {largest:.3g} ≤ --min-diff {options.min_diff:g}")
     policy = policies["conv" if kind_of(weight_shape) == CONV else "linear"]
     matrix = delta.reshape(weight_shape[0], -1)
-    sketch: SketchedSVD = sketched_svd(matrix, policy.most, seed=zlib.crc32(name.encode()))
+    sketch: SketchedSVD = sketched_svd(matrix, policy.most, seed=zlib.crc32(name.encode()), energy=energy)
     # singular values under 1e-6·‖ΔW‖_F are fp32 rounding of the difference (an exactly low-rank ΔW
     # has them beyond its rank), not part of the update: never kept
     significant = int((sketch.svd.values > NOISE * math.sqrt(sketch.energy)).sum())
