@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(sub)
 
-    p = sub.add_parser("ui", help="serve the WebUI tab (merge, bake, inspect) on 127.0.0.1 in a browser")
+    p = sub.add_parser("ui", help="serve the WebUI tab (merge, bake, extract, resize, inspect) on 127.0.0.1 in a browser")
     p.add_argument("--lora-dir", action="append", metavar="DIR",
                    help="LoRA folder (repeatable); merged LoRAs are saved in the first")
     p.add_argument("--demo", action="store_true",
