@@ -217,7 +217,7 @@ def _read_pairs(base: TensorFile, tuned: TensorFile, layers: list[_Layer], stop:
 
     def size(layer: _Layer) -> int:
         info = tuned.infos[layer.key]
-        return 2 * math.prod(info.shape) * info.dtype.itemsize
+        return 2 * math.prod(info.shape) * torch.empty((), dtype=info.dtype).element_size()  # (torch 2.1 safe)
 
     def produce() -> None:
         try:
