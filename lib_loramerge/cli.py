@@ -1,4 +1,4 @@
-"""Command line: ``python -m lib_loramerge info|merge|bake|ui …``.
+"""Command line: ``python -m lib_loramerge info|merge|bake|extract|resize|ui …``.
 
 Every user error is one line ``error: <file>: <reason>`` on stderr and exit status 2, with no
 traceback (``--debug`` shows it). Anything else is a bug: one line, exit status 1.
@@ -219,7 +219,7 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m lib_loramerge",
-                     description="Merge LoRAs exactly, bake them into checkpoints, inspect them.")
+                     description="Merge LoRAs exactly, bake them into checkpoints, extract and resize them, inspect them.")
     parser.add_argument("--version", action="version", version=f"lib_loramerge {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     common = argparse.ArgumentParser(add_help=False)
@@ -276,7 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_bake)
 
-    p = sub.add_parser("ui", help="serve the WebUI tab (merge, bake, inspect) on 127.0.0.1 in a browser")
+    from .cli_extract import add_commands
+
+    add_commands(sub)
+
+    p = sub.add_parser("ui", help="serve the WebUI tab (merge, bake, extract, resize, inspect) on 127.0.0.1 in a browser")
     p.add_argument("--lora-dir", action="append", metavar="DIR",
                    help="LoRA folder (repeatable); merged LoRAs are saved in the first")
     p.add_argument("--demo", action="store_true",

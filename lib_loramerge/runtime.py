@@ -21,3 +21,19 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def full_precision_matmul() -> Iterator[None]:
+    """float32 matrix products in full float32 for the duration, then the previous setting.
+
+    A WebUI turns on TF32 for CUDA matmuls (10-bit mantissa): fine for sampling, but it would cost
+    an extraction three decimal digits of accuracy in ΔW's singular vectors.
+    """
+    cuda = torch.backends.cuda.matmul
+    before = cuda.allow_tf32
+    cuda.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cuda.allow_tf32 = before

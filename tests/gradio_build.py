@@ -39,6 +39,7 @@ def check_build(root: Path) -> str:
     from lib_loramerge.ui import StandaloneHost, build_tab
     from lib_loramerge.ui.app import ENERGY_CHART, MAX_ROWS, NORM_CHART
     from lib_loramerge.ui.handlers import BakeRequest, LoraRow, MergeRequest, bake, inspect, merge
+    from lib_loramerge.ui.handlers_extract import ExtractRequest, ResizeRequest, extract, resize
 
     host = StandaloneHost([lora_folder(root)], checkpoint_folder(root))
     tab = build_tab(host)
@@ -53,7 +54,11 @@ def check_build(root: Path) -> str:
         for i in range(MAX_ROWS):
             for part in ("lora", "unet", "te", "weights", "refresh", "row"):
                 assert f"lora_merger_{panel}_{part}_{i}" in found, f"missing lora_merger_{panel}_{part}_{i}"
-    for elem in ("lora_merger_bake_checkpoint", "lora_merger_bake_button", "lora_merger_inspect_lora"):
+    for elem in ("lora_merger_bake_checkpoint", "lora_merger_bake_button", "lora_merger_inspect_lora",
+                 "lora_merger_extract_base", "lora_merger_extract_tuned", "lora_merger_extract_rank",
+                 "lora_merger_extract_button", "lora_merger_extract_stop", "lora_merger_extract_chart",
+                 "lora_merger_resize_lora", "lora_merger_resize_policy", "lora_merger_resize_value",
+                 "lora_merger_resize_button", "lora_merger_resize_stop", "lora_merger_resize_chart"):
         assert elem in found, f"missing {elem}"
     for elem, block in found.items():
         if isinstance(block, gr.Dropdown) and block.value is not None:  # gradio 4 warns otherwise
@@ -62,6 +67,8 @@ def check_build(root: Path) -> str:
                                                                 "narrow_a.safetensors", "narrow_b.safetensors",
                                                                 "style_a.safetensors"]
     assert choice_values(found["lora_merger_bake_checkpoint"]) == ["base_sd1.safetensors"]
+    assert choice_values(found["lora_merger_extract_tuned"]) == ["base_sd1.safetensors"]
+    assert choice_values(found["lora_merger_resize_lora"]) == choice_values(found["lora_merger_merge_lora_0"])
     # a merge and an inspection through the handlers, their charts through this gradio's BarPlot
     rows = [LoraRow("style_a.safetensors", 0.8, 0.5, "MIDD"), LoraRow("detail_c.safetensors", 1.0, 1.0)]
     merged = merge(host, MergeRequest(rows, "g", mode="svd", rank=2))
@@ -70,7 +77,13 @@ def check_build(root: Path) -> str:
     assert baked.ok and baked.path.is_file(), baked.message
     inspected = inspect(host, "g.safetensors")
     assert inspected.ok, inspected.message
+    extracted = extract(host, ExtractRequest("base_sd1.safetensors", "b.safetensors", "x", rank=4))
+    assert extracted.ok and extracted.path.is_file() and extracted.chart, extracted.message
+    resized = resize(host, ResizeRequest("g.safetensors", "g1", "rank", 1))
+    assert resized.ok and resized.path.is_file() and resized.chart, resized.message
     for chart, elem, rows in ((ENERGY_CHART, "lora_merger_merge_chart", merged.chart),
+                              (ENERGY_CHART, "lora_merger_extract_chart", extracted.chart),
+                              (ENERGY_CHART, "lora_merger_resize_chart", resized.chart),
                               (NORM_CHART, "lora_merger_inspect_chart", inspected.chart), (NORM_CHART,
                               "lora_merger_inspect_chart", None)):
         update = apply_update(found[elem], chart.update(rows))

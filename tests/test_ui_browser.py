@@ -1,7 +1,8 @@
 """A real browser on the standalone UI: Debian's chromium driven by Playwright (never `playwright install`).
 
 Chooses two LoRAs, strengths and a preset, merges, reads the message and the new file; fills rows from
-a prompt; opens Inspect and sees the table and the chart. Screenshots go to artifacts/screenshots/.
+a prompt; opens Inspect and sees the table and the chart; bakes; extracts a LoRA from two checkpoints
+and resizes it. Screenshots go to artifacts/screenshots/.
 """
 
 from __future__ import annotations
@@ -207,3 +208,40 @@ def test_refresh_and_row_buttons_in_the_browser(standalone, page):
     page.locator("#lora_merger_merge_add").click()
     page.locator("#lora_merger_merge_row_2").wait_for(state="visible")
     assert page.locator("#lora_merger_merge_lora_2 input").input_value() == ""
+
+
+def test_extract_then_resize_in_the_browser(standalone, page):
+    import torch
+
+    from lib_loramerge.formats.reader import read_lora
+    from lib_loramerge.jobs import bake_to_file
+    from lib_loramerge.ops.merge import MergeInput
+
+    loras, checkpoints = standalone[1], standalone[2]
+    bake_to_file(checkpoints / "base_sd1.safetensors", [MergeInput(read_lora(loras / "narrow_b.safetensors"))],
+                 checkpoints / "tuned_for_extract.safetensors", dtype=torch.float32, overwrite=True)
+    page.locator("#lora_merger_panels .tab-nav button", has_text="Extract").click()  # lists the new checkpoint
+    pick(page, "lora_merger_extract_base", "base_sd1.safetensors")
+    pick(page, "lora_merger_extract_tuned", "tuned_for_extract.safetensors")
+    type_number(page, "lora_merger_extract_rank", 4)
+    page.locator("#lora_merger_extract_output textarea").fill("extracted_in_browser")
+    page.locator("#lora_merger_extract_button").click()
+    message = result_text(page, "lora_merger_extract_result")
+    out = loras / "extracted_in_browser.safetensors"
+    assert message.startswith(f"wrote {out} (SD1 LoRA: tuned_for_extract.safetensors − base_sd1.safetensors)"), message
+    assert set(read_lora(out).modules) == set(read_lora(loras / "narrow_b.safetensors").modules)
+    page.locator("#lora_merger_extract_chart .vega-embed canvas").wait_for()
+    shoot(page, "extract.png")
+
+    page.locator("#lora_merger_panels .tab-nav button", has_text="Resize").click()
+    pick(page, "lora_merger_resize_lora", "extracted_in_browser.safetensors")  # listed after the extraction
+    page.locator("#lora_merger_resize_policy label", has_text="sv_ratio").click()
+    type_number(page, "lora_merger_resize_value", 2)
+    page.locator("#lora_merger_resize_output textarea").fill("resized_in_browser")
+    page.locator("#lora_merger_resize_button").click()
+    message = result_text(page, "lora_merger_resize_result")
+    resized = loras / "resized_in_browser.safetensors"
+    # (a narrow test LoRA's shapes name no SD version: "unknown" here, SD1 for a real one)
+    assert message.startswith(f"wrote {resized} (") and "resized extracted_in_browser: keep σ ≥ σ_max/2" in message
+    assert max(m.rank for m in read_lora(resized).modules.values()) <= 4
+    shoot(page, "resize.png")

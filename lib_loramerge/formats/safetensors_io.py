@@ -443,6 +443,15 @@ class _HashTap:
                 LEGACY_HASH_KEY: hashlib.sha256(bytes(self.legacy)).hexdigest()[:8]}
 
 
+def file_size(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None = None, *, sshs: bool = False) -> int:
+    """The exact size of the file :func:`write_safetensors` would write (nothing is produced or written)."""
+    specs = ordered(specs)
+    meta = dict(metadata or {})
+    if sshs:
+        meta[MODEL_HASH_KEY], meta[LEGACY_HASH_KEY] = "0" * 64, "0" * 8  # the hashes' final lengths
+    return len(header_bytes(specs, meta)) + sum(s.nbytes for s in specs)
+
+
 def sshs_hashes(specs: Iterable[TensorSpec], metadata: Mapping[str, str]) -> tuple[str, str]:
     """(sshs_model_hash, sshs_legacy_hash) of ``specs`` as they would be written (see :class:`_HashTap`)."""
     specs = ordered(specs)

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import LoraMergeError
 from ..model import LoraModule
-from .safetensors_io import TensorSpec, check_writable_target, write_safetensors
+from .safetensors_io import TensorSpec, check_writable_target, file_size, write_safetensors
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
@@ -94,3 +94,16 @@ def save_lora(modules: Iterable[LoraModule], path: str | os.PathLike, *, dtype: 
     specs = lora_tensor_specs(modules, dtype)
     written = write_safetensors(path, specs, meta, overwrite=overwrite, sshs=True)
     return SavedLora(path=path, metadata=written, tensors=len(specs))
+
+
+def lora_file_size(modules: Iterable[LoraModule], path: str | os.PathLike, *, dtype: torch.dtype = torch.float16,
+                   arch: str = "unknown", metadata: Mapping[str, str] | None = None) -> int:
+    """The exact size in bytes of the file :func:`save_lora` would write with these arguments.
+
+    Only shapes are used, so modules may hold shape-only ("meta") tensors: a job can size a file
+    before computing it.
+    """
+    modules = list(modules)
+    meta = lora_metadata(modules, arch, Path(path).stem)
+    meta.update(metadata or {})
+    return file_size(lora_tensor_specs(modules, dtype), meta, sshs=True)

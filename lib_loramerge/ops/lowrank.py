@@ -120,10 +120,14 @@ def compact_factors(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor,
     return up @ down, torch.eye(width, dtype=down.dtype, device=down.device)
 
 
-def rank_for_threshold(values: torch.Tensor, threshold: float) -> int:
-    """The smallest k whose leading singular values keep at least ``threshold`` of ‖ΔW‖_F²."""
+def rank_for_threshold(values: torch.Tensor, threshold: float, total: float | None = None) -> int:
+    """The smallest k whose leading singular values keep at least ``threshold`` of ‖ΔW‖_F².
+
+    ``total``: ‖ΔW‖_F² when ``values`` are only the leading singular values (a sketch of ΔW);
+    by default their own sum of squares. When even all of them fall short, all are kept.
+    """
     energy = values.double() ** 2
-    total = float(energy.sum())
+    total = float(energy.sum()) if total is None else float(total)
     if total == 0.0:
         return 0
     cumulative = torch.cumsum(energy, 0) / total

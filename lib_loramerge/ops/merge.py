@@ -7,6 +7,7 @@ exactly what stacking ``<lora:name:te:unet>`` tags does in A1111.
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -86,6 +87,9 @@ class MergeOptions:
     clamp: float | None = None  # svd: clip factors to this quantile of |entries| (off by default)
     device: str = "cpu"
     dtype: torch.dtype = torch.float16  # output factor dtype
+    # svd: rank_policy(module, singular values) → the rank to keep (capped by ``rank``), instead of a
+    # threshold; how resize applies its policies (ops.policies) through this one-input merge
+    rank_policy: Callable[[str, torch.Tensor], int] | None = None
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -98,6 +102,8 @@ class MergeOptions:
             raise LoraMergeError(f"clamp quantile must be in (0, 1), got {self.clamp}")
         if self.mode != "svd" and (self.threshold is not None or self.clamp is not None):
             raise LoraMergeError(f"--threshold and --clamp apply to svd mode only, not {self.mode}")
+        if self.rank_policy is not None and (self.mode != "svd" or self.threshold is not None):
+            raise LoraMergeError("a rank policy applies to svd mode only, and replaces --threshold")
         check_device(self.device)
 
 
@@ -225,7 +231,7 @@ def merge_loras(inputs: Sequence[MergeInput], options: MergeOptions,
         report.notes.append(f"LyCORIS modules merged exactly through their factor forms ({listing}); "
                             "the output is a plain LoRA/LoCon")
     rank_cap = options.rank
-    if options.mode == "svd" and rank_cap is None and options.threshold is None:
+    if options.mode == "svd" and rank_cap is None and options.threshold is None and options.rank_policy is None:
         rank_cap, why = default_rank(inputs)
         report.notes.append(f"rank not given: using {why}, {rank_cap}")
     names: dict[str, None] = {}
@@ -317,11 +323,14 @@ def default_rank(inputs: Sequence[MergeInput]) -> tuple[int, str]:
                                           "--threshold give a smaller file)")
 
 
-def parallel_map(fn: Callable[[T], R], items: Iterable[T], device: torch.device) -> Iterator[R]:
+def parallel_map(fn: Callable[[T], R], items: Iterable[T], device: torch.device, window: int | None = None
+                 ) -> Iterator[R]:
     """``map(fn, items)`` in order, on all CPU cores: one work unit per core, one thread per unit.
 
     Small per-module linear algebra scales far better across modules than inside one op, so the
     intra-op thread count is set to 1 for the duration (and restored). On CUDA: sequential.
+    ``window``: take at most this many items ahead of the results (``items`` may be a generator
+    reading files: it is not drained into memory); default: all at once.
     """
     # beyond a few workers the Python between torch calls (one GIL) is the bottleneck
     workers = min(torch.get_num_threads(), MAX_WORKERS) if device.type == "cpu" else 1
@@ -330,7 +339,16 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], device: torch.device)
         return
     with torch_threads(1), ThreadPoolExecutor(workers, thread_name_prefix="lora-merge") as pool:
         try:
-            yield from pool.map(fn, items)
+            if window is None:
+                yield from pool.map(fn, items)
+                return
+            pending: collections.deque = collections.deque()
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -361,10 +379,18 @@ def _check_shapes(name: str, parts: list[_Part]) -> list[str]:
 def _output_module(name: str, ref: NetworkModule, up: torch.Tensor, down: torch.Tensor, alpha: float | None,
                    dtype: torch.dtype) -> LoraModule:
     """Factors (out × k, k × K) shaped like ``ref``'s layer: (out, k[, 1, 1]) and (k, in[, kh, kw])."""
+    return shaped_module(name, ref.weight_shape, up, down, alpha, dtype)
+
+
+def shaped_module(name: str, weight_shape: tuple[int, ...], up: torch.Tensor, down: torch.Tensor,
+                  alpha: float | None, dtype: torch.dtype) -> LoraModule:
+    """A LoRA/LoCon module from factors (out × k, k × in·kh·kw) for a layer of ``weight_shape``, as CPU
+    tensors in ``dtype`` (a cast that overflows is refused, naming the module)."""
     k = up.shape[1]
-    conv = len(ref.weight_shape) == 4
-    up = up.reshape(ref.out_features, k, 1, 1) if conv else up
-    down = down.reshape(k, ref.in_features, *ref.kernel_size) if conv else down.reshape(k, ref.in_features)
+    out, inp, *kernel = weight_shape
+    conv = len(weight_shape) == 4
+    up = up.reshape(out, k, 1, 1) if conv else up
+    down = down.reshape(k, inp, *kernel) if conv else down.reshape(k, inp)
     return LoraModule(name=name, up=_cast(up, dtype, name), down=_cast(down, dtype, name), alpha=alpha)
 
 
@@ -506,7 +532,10 @@ def _truncated(name: str, svd: FactorSVD, floor: float, cap: int, ref: NetworkMo
     if significant == 0:
         return _Outcome(None, "ΔW is zero")
     cap = min(cap, significant)
-    k = cap if options.threshold is None else min(cap, max(1, rank_for_threshold(values, options.threshold)))
+    if options.rank_policy is not None:
+        k = min(cap, max(1, options.rank_policy(name, values[:significant])))
+    else:
+        k = cap if options.threshold is None else min(cap, max(1, rank_for_threshold(values, options.threshold)))
     new_up, new_down = split_factors(svd, k)
     if options.clamp is not None:
         new_up, new_down = clamp_factors(new_up, new_down, options.clamp)

@@ -1,4 +1,4 @@
-"""The "LoRA Merge" tab: Merge, Bake and Inspect panels, built for gradio 3.41 (A1111) and 4.40 (Forge).
+"""The "LoRA Merge" tab: Merge, Bake, Extract, Resize and Inspect panels, for gradio 3.41 (A1111) and 4.40 (Forge).
 
 Only layout and wiring live here; every button calls a function of :mod:`.handlers`, which calls
 the library. Portable gradio only: ``gr.update``, no ``gr.Box`` or ``.style()``, no JavaScript,
@@ -165,6 +165,8 @@ def _lora_rows(host: Host, prefix: str, lora_choices: list[str], preset_choices:
 
 def build_tab(host: Host) -> gr.Blocks:
     """The whole tab as one ``gr.Blocks`` (A1111/Forge render it inside their own tab)."""
+    from . import panels_extract  # (it builds on this module's helpers)
+
     lora_choices = list(host.loras())
     presets = host.presets()
     preset_choices = [NO_BLOCK_WEIGHTS, *presets.names()]
@@ -179,6 +181,11 @@ def build_tab(host: Host) -> gr.Blocks:
             with gr.Tab("Bake", id="bake", elem_id=f"{ELEM}_bake_panel") as bake_tab:
                 b = _bake_panel(host, lora_choices, preset_choices, device_choices)
                 all_lora_dropdowns += b.rows.loras
+            with gr.Tab("Extract", id="extract", elem_id=f"{ELEM}_extract_panel") as extract_tab:
+                x = panels_extract.extract_panel(host, device_choices)
+            with gr.Tab("Resize", id="resize", elem_id=f"{ELEM}_resize_panel"):
+                r = panels_extract.resize_panel(host, lora_choices, device_choices)
+                all_lora_dropdowns.append(r.lora)
             with gr.Tab("Inspect", id="inspect", elem_id=f"{ELEM}_inspect_panel"):
                 inspect_lora = _inspect_panel(host, lora_choices)
                 all_lora_dropdowns.append(inspect_lora)
@@ -221,6 +228,9 @@ def build_tab(host: Host) -> gr.Blocks:
 
         bake_tab.select(default_checkpoint, inputs=[b.checkpoint], outputs=[b.checkpoint], queue=False).then(
             lambda: handlers.live_status(host), inputs=[], outputs=[b.status], queue=False, show_progress="hidden")
+        panels_extract.wire(host, x, r, list_new_loras, all_lora_dropdowns)
+        extract_tab.select(lambda *chosen: panels_extract.list_checkpoints(host, list(chosen)),
+                           inputs=[x.base, x.tuned], outputs=[x.base, x.tuned], queue=False)
     return tab
 
 
