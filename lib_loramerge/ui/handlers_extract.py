@@ -13,7 +13,16 @@ from .. import reports
 from ..blocks.report import block_energy
 from ..errors import LoraMergeError
 from ..jobs import check_output
-from .handlers import ChartRows, Outcome, UiProgress, _optional_number, describe_error, job_progress, output_path
+from .handlers import (
+    ChartRows,
+    Outcome,
+    UiProgress,
+    _optional_number,
+    describe_error,
+    job_progress,
+    output_path,
+    waiting,
+)
 from .host import Host
 
 SIZE_MIB = "size_mib"
@@ -90,8 +99,8 @@ def extract(host: Host, request: ExtractRequest, ui_progress: UiProgress | None 
             return extract_to_file(base, tuned, out, options, overwrite=request.overwrite,
                                    progress=job_progress(host, ui_progress))
 
-        done = host.run_job(f"LoRA extract → {out.name}", job)
-        host.refresh_loras()
+        done = host.run_job(f"LoRA extract → {out.name}", job, on_wait=waiting(ui_progress))
+        done.report.notes += host.lora_written(done.path)
         chart = _block_chart(done.report.energy, done.report.target_energy, done.arch)
         return Outcome(True, reports.format_extract_report(done.report, done.path), path=done.path, chart=chart)
     except Exception as e:  # noqa: BLE001 (every failure becomes a message)
@@ -131,8 +140,8 @@ def resize(host: Host, request: ResizeRequest, ui_progress: UiProgress | None = 
                                   device=device, dtype=dtype, overwrite=request.overwrite,
                                   progress=job_progress(host, ui_progress))
 
-        done = host.run_job(f"LoRA resize → {out.name}", job)
-        host.refresh_loras()
+        done = host.run_job(f"LoRA resize → {out.name}", job, on_wait=waiting(ui_progress))
+        done.report.notes += host.lora_written(done.path)
         chart = _block_chart(done.report.energy, done.report.target_energy, done.arch)
         return Outcome(True, reports.format_resize_report(done), path=done.path, chart=chart)
     except Exception as e:  # noqa: BLE001 (every failure becomes a message)

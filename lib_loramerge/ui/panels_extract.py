@@ -40,7 +40,7 @@ def extract_panel(host: Host, device_choices: list[str]) -> ExtractPanel:
     with gr.Row(equal_height=True):
         base = gr.Dropdown(choices=checkpoints, value=None, label="Base checkpoint", elem_id=f"{p}_base", scale=4)
         tuned = gr.Dropdown(choices=checkpoints, value=None, label="Tuned checkpoint", elem_id=f"{p}_tuned", scale=4)
-        _refresh_button(host, [base, tuned], host.refresh_checkpoints, lambda: list(host.checkpoints()),
+        _refresh_button([base, tuned], host.refresh_checkpoints, lambda: list(host.checkpoints()),
                         f"{p}_refresh")
     with gr.Row():
         rank = gr.Number(value=32, precision=0, minimum=0, label="Rank (linear and 1×1 layers)", elem_id=f"{p}_rank",
@@ -83,7 +83,7 @@ def resize_panel(host: Host, lora_choices: list[str], device_choices: list[str])
                 f"of the rank a policy gives it, computed exactly from the factors. Saved in **{host.lora_output_dir()}**.")
     with gr.Row(equal_height=True):
         lora = gr.Dropdown(choices=lora_choices, value=None, label="LoRA", elem_id=f"{p}_lora", scale=4)
-        _refresh_button(host, [lora], host.refresh_loras, lambda: list(host.loras()), f"{p}_refresh")
+        _refresh_button([lora], host.refresh_loras, lambda: list(host.loras()), f"{p}_refresh")
     with gr.Row():
         policy = gr.Radio(list(RESIZE_POLICIES), value="rank", label="Policy", info=POLICY_HELP,
                           elem_id=f"{p}_policy", scale=3)
