@@ -1,4 +1,4 @@
-"""Command line: ``python -m lib_loramerge info|merge|bake|extract|resize|ui …``.
+"""Command line: ``python -m lib_loramerge info|merge|bake|extract|resize|replay|batch|ui …``.
 
 Every user error is one line ``error: <file>: <reason>`` on stderr and exit status 2, with no
 traceback (``--debug`` shows it). Anything else is a bug: one line, exit status 1.
@@ -61,6 +61,19 @@ def _per_model(values: list[float] | None, n: int, flag: str) -> list[float] | N
     return values
 
 
+_outer: list[Callable[[float], None]] = []  # a batch's one bar: jobs report their fraction done to it
+
+
+@contextlib.contextmanager
+def outer_progress(report: Callable[[float], None]):
+    """While inside, commands report progress as a fraction to ``report`` instead of drawing their own bar."""
+    _outer.append(report)
+    try:
+        yield
+    finally:
+        _outer.remove(report)
+
+
 class _TqdmProgress:
     """Module progress on stderr (silent when stderr is not a terminal)."""
 
@@ -70,6 +83,9 @@ class _TqdmProgress:
         self.bar = None
 
     def __call__(self, done: int, total: int, name: str) -> None:
+        if _outer:
+            _outer[-1](done / total if total else 1.0)
+            return
         if self.bar is None:
             from tqdm import tqdm
 
@@ -117,7 +133,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     read = time.perf_counter() - started
     progress = _TqdmProgress(f"merge ({args.mode})")
     try:
-        job = merge_to_file(inputs, options, args.out, overwrite=args.overwrite, progress=progress, notes=notes)
+        job = merge_to_file(inputs, options, args.out, overwrite=args.overwrite, progress=progress, notes=notes,
+                            metadata_mode=args.metadata, verify=args.verify)
     finally:
         progress.close()
     job.report.timings = {"read": read, **job.report.timings, "total": time.perf_counter() - started}
@@ -151,7 +168,7 @@ def _cmd_bake(args: argparse.Namespace) -> int:
     try:
         job = bake_to_file(args.checkpoint, inputs, args.out, dtype=dtype, device=device, overwrite=args.overwrite,
                            allow_unmatched=args.allow_unmatched, progress=progress, notes=notes,
-                           semantics=args.semantics)
+                           semantics=args.semantics, verify=args.verify)
     finally:
         progress.close()
     if args.json:
@@ -217,6 +234,20 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-dir", action="append", metavar="DIR", help="folder the --prompt names are looked up in")
 
 
+def add_output_checks(p: argparse.ArgumentParser, metadata: bool = True) -> None:
+    """``--verify`` (every job that writes a file) and ``--metadata`` (LoRA outputs)."""
+    if metadata:
+        from .formats.metadata import MODES
+
+        p.add_argument("--metadata", choices=MODES, default="merge",
+                       help="what the output keeps of the inputs' metadata: merge (default: what all agree on, tag "
+                            "counts summed, trigger phrases joined), first (the first input's), new (only this "
+                            "tool's), none (only what the WebUIs need; no recipe)")
+    p.add_argument("--verify", action="store_true",
+                   help="re-read the written file and compare it with what it should hold before it takes its name; "
+                        "a failed check is an error and nothing is written")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m lib_loramerge",
                      description="Merge LoRAs exactly, bake them into checkpoints, extract and resize them, inspect them.")
@@ -257,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="where the math runs: cpu or cuda (default: cuda when available)")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_output_checks(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_merge)
 
@@ -273,12 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--semantics", choices=("a1111", "forge"), default="a1111",
                    help="apply DoRA (dora_scale) modules as this WebUI does: the one that will use the checkpoint "
                         "(default a1111; recorded in the recipe)")
+    add_output_checks(p, metadata=False)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_bake)
 
-    from .cli_extract import add_commands
+    from . import cli_extract, cli_recipes
 
-    add_commands(sub)
+    cli_extract.add_commands(sub)
+    cli_recipes.add_commands(sub)
 
     p = sub.add_parser("ui", help="serve the WebUI tab (merge, bake, extract, resize, inspect) on 127.0.0.1 in a browser")
     p.add_argument("--lora-dir", action="append", metavar="DIR",

@@ -61,7 +61,8 @@ def _cmd_resize(args: argparse.Namespace) -> int:
     progress = _TqdmProgress("resize")
     try:
         job = resize_to_file(args.lora, args.out, policy, size_mib=args.size_mib, cap=args.max_rank, device=device,
-                             dtype=dtype, overwrite=args.overwrite, progress=progress)
+                             dtype=dtype, overwrite=args.overwrite, progress=progress, metadata_mode=args.metadata,
+                             verify=args.verify)
     finally:
         progress.close()
     job.report.timings["total"] = time.perf_counter() - started
@@ -86,6 +87,8 @@ def _positive_int(text: str) -> int:
 
 def add_commands(sub) -> None:
     """Add ``extract`` and ``resize`` to the sub-command parsers ``sub``."""
+    from .cli import add_output_checks
+
     p = sub.add_parser("extract", help="extract a LoRA from two checkpoints: the best rank-k approximation of "
                                        "tuned - base, per layer")
     p.add_argument("--base", required=True, metavar="CKPT", help="the base checkpoint (.safetensors or .ckpt)")
@@ -133,5 +136,6 @@ def add_commands(sub) -> None:
     p.add_argument("--dtype", help="output dtype: fp16, bf16 or fp32 (default: the source's)")
     p.add_argument("--device", help="where the math runs: cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_output_checks(p)
     p.add_argument("--json", action="store_true", help="print the report (rank and energy per module) as JSON")
     p.set_defaults(func=_cmd_resize)

@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 
 from .errors import LoraMergeError, display_path
+from .formats.metadata import RECIPE_KEY
 from .formats.safetensors_io import read_header
-
-RECIPE_KEY = "lora_merger_recipe"  # as jobs.RECIPE_KEY (jobs is not imported: it pulls in every job)
 
 DEMO_KEY = "lora_merger_demo"  # marks files the demo wrote, so a rerun may replace them (and nothing else)
 INPUTS = (("demo_style.safetensors", 1, 8), ("demo_subject.safetensors", 2, 16))  # name, seed, rank

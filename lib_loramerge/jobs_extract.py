@@ -13,10 +13,11 @@ from . import __version__
 from .bake.extract import ExtractOptions, ExtractReport, check_pair, extract_lora
 from .errors import LoraMergeError, display_path
 from .formats.hashing import BackgroundHashes
+from .formats.metadata import RECIPE_KEY, RECIPE_VERSION, spec_facts
 from .formats.tensorfile import check_input_path
 from .formats.writer import save_lora
 from .info import short_dtype
-from .jobs import RECIPE_KEY, Progress, start_output
+from .jobs import Progress, start_output
 
 
 @dataclass
@@ -29,7 +30,8 @@ class ExtractJob:
 
 def extract_recipe(base: Path, tuned: Path, hashes: Sequence[str], options: ExtractOptions, arch: str) -> dict:
     return {
-        "tool": "sd-webui-lora-merger", "version": __version__, "type": "extract", "arch": arch,
+        "tool": "sd-webui-lora-merger", "version": __version__, "recipe_version": RECIPE_VERSION, "type": "extract",
+        "arch": arch,
         "base": {"file": display_path(base.name), "sha256": hashes[0]},
         "tuned": {"file": display_path(tuned.name), "sha256": hashes[1]},
         "rank": options.rank, "conv_rank": options.conv_rank, "threshold": options.threshold,
@@ -40,7 +42,7 @@ def extract_recipe(base: Path, tuned: Path, hashes: Sequence[str], options: Extr
 
 def extract_to_file(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.PathLike,
                     options: ExtractOptions, *, overwrite: bool = False, progress: Progress | None = None,
-                    notes: Sequence[str] = ()) -> ExtractJob:
+                    notes: Sequence[str] = (), date: str | None = None) -> ExtractJob:
     """Extract tuned − base into a LoRA at ``out``, written atomically with both checkpoints' sha256 in its recipe."""
     notes = list(notes)
     options.validate()
@@ -63,7 +65,8 @@ def extract_to_file(base: str | os.PathLike, tuned: str | os.PathLike, out: str 
             "ss_sd_model_name": display_path(base.name)}
     if options.conv_rank is not None:  # kohya's LoCon: conv_dim in the network args
         meta["ss_network_args"] = json.dumps({"conv_dim": str(options.conv_rank), "conv_alpha": str(options.conv_rank)})
-    saved = save_lora(result.modules, out, dtype=options.dtype, arch=result.arch, metadata=meta, overwrite=overwrite)
+    saved = save_lora(result.modules, out, dtype=options.dtype, arch=result.arch, metadata=meta, overwrite=overwrite,
+                      facts=spec_facts([], result.arch), date=date)
     report.notes[:0] = notes
     report.timings.update(extract=report.seconds, write=time.perf_counter() - started)
     return ExtractJob(path=saved.path, report=report, metadata=saved.metadata, arch=result.arch)

@@ -1,9 +1,9 @@
 """The resize job shared by the CLI and the UI: one LoRA in, the same LoRA at other ranks out.
 
-The output keeps the source's metadata (training facts, tags, modelspec), with what the resize
-changes written anew: ``ss_network_dim``/``ss_network_alpha`` (and ``ss_network_module`` when a
-LyCORIS file becomes a plain LoRA), ``ss_output_name``/``modelspec.title`` (the new file's
-name, so the WebUI can tell both apart), the sshs hashes (over the new bytes) and the recipe.
+The output keeps the source's metadata (training facts, tags, modelspec; ``--metadata`` as for
+a merge), with what the resize changes written anew: ``ss_network_dim``/``ss_network_alpha`` (and
+``ss_network_module`` when a LyCORIS file becomes a plain LoRA), ``ss_output_name``/``modelspec.title``
+(the new file's name, so the WebUI can tell both apart), the hashes (over the new bytes) and the recipe.
 """
 
 from __future__ import annotations
@@ -19,19 +19,16 @@ import torch
 
 from . import __version__
 from .errors import LoraMergeError
+from .formats.metadata import RECIPE_KEY, RECIPE_VERSION, OutputMetadata, check_mode, for_output
 from .formats.reader import read_lora
-from .formats.safetensors_io import LEGACY_HASH_KEY, MODEL_HASH_KEY
 from .formats.tensorfile import check_input_path
-from .formats.writer import DTYPES, lora_file_size, lora_metadata, save_lora
+from .formats.writer import DTYPES, lora_file_size, save_lora
 from .info import short_dtype
-from .jobs import RECIPE_KEY, Progress, input_entries, input_hashes, start_output
+from .jobs import MergeVerifier, Progress, input_entries, input_hashes, start_output
 from .model import LoraModel, LoraModule
-from .ops.merge import MergeInput, MergeReport
+from .ops.merge import MergeInput, MergeOptions, MergeReport, MergeResult
 from .ops.policies import RankPolicy
 from .ops.resize import resize_lora, resize_to_ranks, spectra, threshold_for_size
-
-# metadata of the source that describes bytes which are no longer there
-STALE_KEYS = (MODEL_HASH_KEY, LEGACY_HASH_KEY, "modelspec.hash_sha256", RECIPE_KEY)
 
 
 @dataclass
@@ -62,23 +59,26 @@ def source_dtype(lora: LoraModel) -> torch.dtype:
     return getattr(torch, common) if getattr(torch, common, None) in DTYPES.values() else torch.float16
 
 
-def kept_metadata(source: dict[str, str], modules: list[LoraModule], arch: str, out: Path) -> tuple[dict, list[str]]:
-    """The source's metadata minus what the resize rewrites (and what went stale); notes on what was dropped."""
-    rewritten = lora_metadata(modules, arch, out.stem)
-    kept = {k: v for k, v in source.items() if k not in rewritten and k not in STALE_KEYS}
+def kept_metadata(lora: LoraModel, arch: str, mode: str) -> tuple[dict[str, str], OutputMetadata, list[str]]:
+    """The source's metadata the output keeps (by ``mode``; never what describes the source's own bytes),
+    the output's modelspec facts, and notes on what was dropped."""
+    described = for_output([(lora.metadata, lora.name)], arch, mode)
     notes = []
-    if source.get("ss_network_module", "networks.lora") != "networks.lora" and "ss_network_args" in kept:
-        del kept["ss_network_args"]  # e.g. LyCORIS's algo=lokr: the output is a plain LoRA now
-        notes.append(f"ss_network_args of the source's {source['ss_network_module']} dropped: the output is a "
-                     "plain LoRA/LoCon (networks.lora)")
-    return kept, notes
+    if "ss_network_args" in lora.metadata and mode in ("merge", "first"):
+        notes.append(f"the source's ss_network_args ({lora.metadata['ss_network_args'][:60]}) dropped: they "
+                     "described its ranks and algorithm; the output is a plain LoRA/LoCon at new ranks")
+    return dict(described.inherited), described, notes
 
 
 def _recipe(lora: LoraModel, entries: list[dict], policy: str, dtype: torch.dtype, arch: str,
-            threshold: float | None, size_mib: float | None) -> str:
-    data = {"tool": "sd-webui-lora-merger", "version": __version__, "type": "resize", "arch": arch,
-            "policy": policy, "threshold": threshold, "size_mib": size_mib, "dtype": short_dtype(dtype),
-            "inputs": entries}
+            threshold: float | None, size_mib: float | None, mode: str, rule: RankPolicy | None,
+            cap: int | None) -> str:
+    """The resize's recipe: ``policy`` in words, ``rank_policy`` (kind, value, cap) or ``size_mib`` and
+    ``max_rank`` to replay it."""
+    data = {"tool": "sd-webui-lora-merger", "version": __version__, "recipe_version": RECIPE_VERSION,
+            "type": "resize", "arch": arch, "policy": policy, "threshold": threshold, "size_mib": size_mib,
+            "rank_policy": {"kind": rule.kind, "value": rule.value, "cap": rule.cap} if rule else None,
+            "max_rank": cap, "dtype": short_dtype(dtype), "metadata": mode, "inputs": entries}
     previous = lora.metadata.get(RECIPE_KEY)
     if previous:
         try:
@@ -102,10 +102,14 @@ def _shapes_only(lora: LoraModel, ranks: dict[str, int]) -> list[LoraModule]:
 def resize_to_file(source: str | os.PathLike, out: str | os.PathLike, policy: RankPolicy | None = None, *,
                    size_mib: float | None = None, cap: int | None = None, device: str = "cpu",
                    dtype: torch.dtype | None = None, overwrite: bool = False, progress: Progress | None = None,
-                   notes: Sequence[str] = ()) -> ResizeJob:
+                   notes: Sequence[str] = (), metadata_mode: str = "merge", verify: bool = False,
+                   date: str | None = None) -> ResizeJob:
     """Resize ``source`` by ``policy`` — or, with ``size_mib``, by the one energy threshold whose file fits
-    (``cap``: at most that rank per module) — and write ``out`` atomically. ``dtype``: default, the source's."""
+    (``cap``: at most that rank per module) — and write ``out`` atomically. ``dtype``: default, the source's.
+    ``verify``: compare every written module with the source's (within √(1 − kept energy)) before the
+    file takes its name; ``date``: modelspec.date (a replay passes the original's)."""
     notes = list(notes)
+    check_mode(metadata_mode)
     if (policy is None) == (size_mib is None):
         raise LoraMergeError("give a rank policy or a size target (--size-mib), one of them")
     if policy is not None:
@@ -128,13 +132,23 @@ def resize_to_file(source: str | os.PathLike, out: str | os.PathLike, policy: Ra
         result = resize_lora(lora, policy, device=device, dtype=dtype, progress=progress)
     else:
         budget = int(size_mib * 2**20)
-        result, job_threshold, described = _resize_to_size(lora, out, budget, cap, device, dtype, hashes, progress)
+        result, job_threshold, described = _resize_to_size(lora, out, size_mib, cap, device, dtype, hashes, progress,
+                                                            metadata_mode)
     entries, hash_notes = input_entries([MergeInput(lora)], hashes)
-    kept, meta_notes = kept_metadata(lora.metadata, result.modules, result.arch, out)
-    kept[RECIPE_KEY] = _recipe(lora, entries, described, dtype, result.arch, job_threshold, size_mib)
+    kept, output, meta_notes = kept_metadata(lora, result.arch, metadata_mode)
+    if not output.minimal:
+        kept[RECIPE_KEY] = _recipe(lora, entries, described, dtype, result.arch, job_threshold, size_mib,
+                                   metadata_mode, policy, cap)
     math_seconds = time.perf_counter() - started
-    saved = save_lora(result.modules, out, dtype=dtype, arch=result.arch, metadata=kept, overwrite=overwrite)
+    checker = None
+    if verify:  # the source at strength 1 is the target; each module may lose √(1 − kept energy) of it
+        checker = MergeVerifier([MergeInput(lora)], MergeOptions(mode="svd", dtype=dtype),
+                                MergeResult(result.modules, result.arch, result.report), out)
+    saved = save_lora(result.modules, out, dtype=dtype, arch=result.arch, metadata=kept, overwrite=overwrite,
+                      facts=output.facts, date=date, minimal=output.minimal, before_publish=checker)
     report = result.report
+    if checker:
+        report.verification = checker.result
     report.notes[:0] = notes + hash_notes + meta_notes
     report.seconds = math_seconds  # both passes of a size target
     report.timings.update(math=math_seconds, write=time.perf_counter() - started - math_seconds)
@@ -144,13 +158,14 @@ def resize_to_file(source: str | os.PathLike, out: str | os.PathLike, policy: Ra
                      size_target=budget, size=saved.path.stat().st_size)
 
 
-def _resize_to_size(lora: LoraModel, out: Path, budget: int, cap: int | None, device: str, dtype: torch.dtype,
-                    hashes, progress: Progress | None):
+def _resize_to_size(lora: LoraModel, out: Path, size_mib: float, cap: int | None, device: str, dtype: torch.dtype,
+                    hashes, progress: Progress | None, mode: str):
     """(result, threshold, description): the largest global energy threshold whose file fits ``budget`` bytes.
 
     Two passes of the merge engine: the spectra first, then the resize at the chosen ranks; the
     file's exact size (header and metadata included) is computed before anything is written.
     """
+    budget = int(size_mib * 2**20)
     total = [0]
 
     def halves(offset: int) -> Progress | None:  # one bar over both passes
@@ -168,10 +183,12 @@ def _resize_to_size(lora: LoraModel, out: Path, budget: int, cap: int | None, de
 
     def size_of(threshold: float, ranks: dict[str, int]) -> int:
         modules = _shapes_only(lora, ranks)
-        kept, _ = kept_metadata(lora.metadata, modules, arch, out)
-        kept[RECIPE_KEY] = _recipe(lora, entries, _size_policy(budget, cap, threshold), dtype, arch, threshold,
-                                   budget / 2**20)
-        return lora_file_size(modules, out, dtype=dtype, arch=arch, metadata=kept)
+        kept, output, _ = kept_metadata(lora, arch, mode)
+        if not output.minimal:
+            kept[RECIPE_KEY] = _recipe(lora, entries, _size_policy(budget, cap, threshold), dtype, arch, threshold,
+                                       size_mib, mode, None, cap)
+        return lora_file_size(modules, out, dtype=dtype, arch=arch, metadata=kept, facts=output.facts,
+                              minimal=output.minimal)
 
     threshold, ranks = threshold_for_size(values, size_of, budget, cap)
     result = resize_to_ranks(lora, ranks, device=device, dtype=dtype, progress=halves(1))

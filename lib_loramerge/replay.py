@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +19,10 @@ from .blocks.layouts import LAYOUTS
 from .blocks.weights import BlockWeights
 from .errors import LoraMergeError, display_path
 from .formats.hashing import BackgroundHashes, HashCache, cache_file, data_sha256, file_sha256
+from .formats.metadata import RECIPE_KEY, RECIPE_VERSION
 from .formats.safetensors_io import read_header
 
-RECIPE_KEY = "lora_merger_recipe"
-RECIPE_VERSION = 2
-KNOWN_VERSIONS = (1, 2)
+KNOWN_VERSIONS = tuple(range(1, RECIPE_VERSION + 1))
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 
 
@@ -143,3 +144,188 @@ def identical(a: Path, b: Path) -> tuple[bool, bool, list[str]]:
 
 def _data_hash(path: Path, start: int) -> str:
     return file_sha256(path, start)
+
+
+@dataclass
+class ReplayResult:
+    """A replayed job: what it was, the files it used, and how the new output compares with the original."""
+
+    kind: str  # merge, bake, resize, extract
+    path: Path  # where the new file was written (removed again when ``kept`` is false)
+    kept: bool
+    inputs: list[Path]  # the files the recipe's hashes were found in
+    original: Path | None = None  # the output whose recipe this was (None: a recipe file)
+    byte_identical: bool | None = None
+    data_identical: bool | None = None
+    metadata_differs: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    report: object = None  # the job's own report
+
+    def summary(self) -> str:
+        if self.original is None:
+            return f"replayed the {self.kind} recipe: wrote {display_path(self.path)}"
+        name = display_path(self.original)
+        if self.byte_identical:
+            return f"replayed the {self.kind} of {name}: the new file is byte-identical"
+        if self.data_identical:
+            return (f"replayed the {self.kind} of {name}: the tensors are byte-identical; metadata differs in "
+                    f"{', '.join(self.metadata_differs)}")
+        return f"replayed the {self.kind} of {name}: the tensors differ (see the notes)"
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "out": str(self.path) if self.kept else None, "original": str(self.original)
+                if self.original else None, "inputs": [str(p) for p in self.inputs],
+                "byte_identical": self.byte_identical, "data_identical": self.data_identical,
+                "metadata_differs": self.metadata_differs, "notes": self.notes, "summary": self.summary()}
+
+
+def recipe_kind(recipe: dict) -> str:
+    kind = recipe.get("type", "merge")  # version 1 merges had no type
+    if kind not in ("merge", "bake", "resize", "extract"):
+        raise LoraMergeError(f"unknown recipe type '{kind}' (this tool replays merge, bake, resize and extract)")
+    return kind
+
+
+def replay(source: str | os.PathLike, *, lora_dirs: Sequence[str | os.PathLike] = (),
+           ckpt_dirs: Sequence[str | os.PathLike] = (), out: str | os.PathLike | None = None, overwrite: bool = False,
+           device: str = "cpu", progress=None) -> ReplayResult:
+    """Run the job ``source``'s recipe describes again: inputs found by their hash (the file of the
+    recorded name first, then any file in the folders), the same options, strengths, block weights
+    and modelspec date. Without ``out`` the new file is written under the original's name in a
+    temporary folder beside it, compared, and removed (a check); with ``out`` it is kept.
+    """
+    source = Path(source)
+    recipe = read_recipe(source)
+    kind = recipe_kind(recipe)
+    original = source if source.suffix.lower() == ".safetensors" else None
+    if original is None and out is None:
+        raise LoraMergeError("a recipe file has no original to compare with: give --out for the new file", source)
+    folders = _distinct([*lora_dirs, source.parent])  # the output's own folder is searched last
+    ckpt_folders = _distinct([*ckpt_dirs, source.parent])
+    date = read_header(original).metadata.get("modelspec.date") if original else None
+    scratch = None
+    if out is None:
+        scratch = Path(tempfile.mkdtemp(prefix=".lora-merger-replay-", dir=source.parent))
+        target = scratch / source.name  # the same name: the file's title and name-derived keys match
+    else:
+        target = Path(out)
+    try:
+        run = {"merge": _replay_merge, "bake": _replay_bake, "resize": _replay_resize, "extract": _replay_extract}[kind]
+        result = run(recipe, folders, ckpt_folders, target, overwrite, device, date, progress)
+        result.original = original
+        if original is not None:
+            result.byte_identical, result.data_identical, result.metadata_differs = identical(original, target)
+            if not result.data_identical and kind in ("merge", "resize", "extract"):
+                result.notes.append(_lora_difference(original, target))
+        result.kept = scratch is None
+        return result
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _distinct(folders: Sequence[str | os.PathLike]) -> list[Path]:
+    seen: dict[Path, Path] = {}
+    for folder in folders:
+        seen.setdefault(Path(folder).resolve(), Path(folder))
+    return list(seen.values())
+
+
+def _entries_found(recipe: dict, finder: Finder, what: str = "input LoRA") -> tuple[list[Path], list[str]]:
+    paths, notes = [], []
+    for entry in recipe["inputs"]:
+        path = finder.find(entry["file"], entry.get("hash", ""), what)
+        if path.name != entry["file"]:
+            notes.append(f"{what} {entry['file']} found as {display_path(path)} (the same hash)")
+        paths.append(path)
+    return paths, notes
+
+
+def _dtype(recipe: dict):
+    from .formats.writer import parse_dtype
+
+    return parse_dtype(recipe.get("dtype", "fp16"))
+
+
+def _merge_inputs(recipe: dict, paths: Sequence[Path]):
+    from .formats.reader import read_lora
+    from .ops.merge import MergeInput
+
+    inputs = []
+    for entry, path in zip(recipe["inputs"], paths, strict=True):
+        lora = read_lora(path, lazy=True)
+        ratio, lbw = block_ratio(entry, lora.arch)
+        inputs.append(MergeInput(lora, unet=float(entry.get("unet", 1.0)), te=entry.get("te"), block_ratio=ratio,
+                                 recipe=lbw))
+    return inputs
+
+
+def _replay_merge(recipe, folders, ckpt_folders, target, overwrite, device, date, progress) -> ReplayResult:
+    from .jobs import merge_to_file
+    from .ops.merge import MergeOptions
+
+    paths, notes = _entries_found(recipe, Finder(folders))
+    options = MergeOptions(mode=recipe.get("mode", "svd"), rank=recipe.get("rank"), threshold=recipe.get("threshold"),
+                           clamp=recipe.get("clamp"), device=device, dtype=_dtype(recipe))
+    options.validate()
+    mode = recipe.get("metadata", "new" if recipe.get("recipe_version", 1) == 1 else "merge")  # v1 kept nothing
+    job = merge_to_file(_merge_inputs(recipe, paths), options, target, overwrite=overwrite, progress=progress,
+                        metadata_mode=mode, date=date)
+    return ReplayResult("merge", job.path, True, paths, notes=notes, report=job.report)
+
+
+def _replay_bake(recipe, folders, ckpt_folders, target, overwrite, device, date, progress) -> ReplayResult:
+    from .jobs import bake_to_file
+
+    wanted = recipe.get("checkpoint") or {}
+    checkpoint = Finder(ckpt_folders, whole=True).find(wanted.get("file", ""), wanted.get("sha256", ""), "checkpoint")
+    paths, notes = _entries_found(recipe, Finder(folders))
+    dtype = None if recipe.get("dtype") == "keep" else _dtype(recipe)
+    job = bake_to_file(checkpoint, _merge_inputs(recipe, paths), target, dtype=dtype, device=device,
+                       overwrite=overwrite, progress=progress, semantics=recipe.get("semantics", "a1111"),
+                       source=recipe.get("source"), allow_unmatched=True)
+    return ReplayResult("bake", job.path, True, [checkpoint, *paths], notes=notes, report=job.report)
+
+
+def _replay_resize(recipe, folders, ckpt_folders, target, overwrite, device, date, progress) -> ReplayResult:
+    from .jobs_resize import resize_to_file
+    from .ops.policies import RankPolicy
+
+    paths, notes = _entries_found(recipe, Finder(folders), "source LoRA")
+    rule = recipe.get("rank_policy")
+    if rule is None and recipe.get("size_mib") is None:
+        raise LoraMergeError("this resize recipe predates recorded rank policies (tool 0.1): it cannot be replayed")
+    policy = RankPolicy(rule["kind"], rule["value"], rule.get("cap")) if rule else None
+    job = resize_to_file(paths[0], target, policy, size_mib=None if policy else recipe["size_mib"],
+                         cap=recipe.get("max_rank"), device=device, dtype=_dtype(recipe), overwrite=overwrite,
+                         progress=progress, metadata_mode=recipe.get("metadata", "merge"), date=date)
+    return ReplayResult("resize", job.path, True, paths, notes=notes, report=job.report)
+
+
+def _replay_extract(recipe, folders, ckpt_folders, target, overwrite, device, date, progress) -> ReplayResult:
+    from .bake.extract import ExtractOptions
+    from .jobs_extract import extract_to_file
+
+    finder = Finder(ckpt_folders, whole=True)
+    base = finder.find(recipe["base"]["file"], recipe["base"]["sha256"], "base checkpoint")
+    tuned = finder.find(recipe["tuned"]["file"], recipe["tuned"]["sha256"], "tuned checkpoint")
+    options = ExtractOptions(rank=recipe["rank"], conv_rank=recipe.get("conv_rank"), threshold=recipe.get("threshold"),
+                             sv_ratio=recipe.get("sv_ratio"), min_diff=recipe.get("min_diff", 0.0),
+                             text_encoder=recipe.get("text_encoder", True), device=device, dtype=_dtype(recipe))
+    job = extract_to_file(base, tuned, target, options, overwrite=overwrite, progress=progress, date=date)
+    return ReplayResult("extract", job.path, True, [base, tuned], report=job.report)
+
+
+def _lora_difference(original: Path, new: Path) -> str:
+    """How far the new LoRA is from the original, per module, in factor space (never dense)."""
+    from .formats.reader import read_lora
+    from .ops.verify import verify_modules
+
+    old, fresh = read_lora(original, lazy=True).modules, read_lora(new, lazy=True).modules
+    checked = verify_modules({n: [(m, 1.0)] for n, m in old.items()}, fresh, {}, next(iter(fresh.values())).dtype)
+    if checked.missing or checked.unexpected:
+        return (f"the modules differ: {len(checked.missing)} only in the original, {len(checked.unexpected)} "
+                "only in the new file")
+    name, error, _ = checked.worst(1)[0]
+    return (f"largest relative difference between the two files' modules: {error:.3g} ({name}); "
+            f"{len(checked.failed)} of {len(checked.errors)} modules beyond the output dtype's rounding")

@@ -20,8 +20,19 @@ def format_bake_report(report, path) -> str:
         if len(report.unmatched) > 10:
             lines.append(f"  … and {len(report.unmatched) - 10} more")
     lines += [f"note: {n}" for n in report.notes]
+    lines += _verification_lines(report.verification)
     lines.append(f"time: {report.seconds:.2f} s")
     return "\n".join(lines)
+
+
+def _verification_lines(verification) -> list[str]:
+    """--verify: one summary line, and the modules nearest their bounds."""
+    if verification is None:
+        return []
+    lines = [verification.summary()]
+    for name, error, bound in verification.worst(3):
+        lines.append(f"  {error:.3g} (bound {bound:.3g})  {name}")
+    return lines
 
 
 def format_merge_report(report, path, arch: str) -> str:
@@ -40,6 +51,7 @@ def format_merge_report(report, path, arch: str) -> str:
         for w in energy["worst"]:
             lines.append(f"  {w['energy']:.6f}  {w['module']}")
     lines += [f"note: {n}" for n in report.notes]
+    lines += _verification_lines(report.verification)
     where = "" if report.device == "cpu" else " (small r×r decompositions on the CPU, where they are faster)"
     lines.append(f"time: {report.seconds:.2f} s on {report.device}{where}")
     return "\n".join(lines)
@@ -110,5 +122,6 @@ def format_resize_report(job) -> str:
                          f"{job.source_ranks.get(w['module'])})")
         lines += _block_line(report.energy, report.target_energy, job.arch)
     lines += [f"note: {n}" for n in report.notes]
+    lines += _verification_lines(report.verification)
     lines.append(f"time: {report.seconds:.2f} s")
     return "\n".join(lines)

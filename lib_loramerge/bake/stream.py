@@ -25,6 +25,7 @@ from ..formats.tensorfile import TensorFile, open_tensor_file
 from ..model import LoraModule, NetworkModule
 from ..ops.dora import SEMANTICS, apply_dora
 from ..ops.merge import MergeInput, check_device, common_arch
+from ..ops.verify import COMPUTE_SLACK, UNIT_ROUNDOFF, Verification
 from ..runtime import torch_threads
 from .keymap import CheckpointLayout, Target, fit_problem
 
@@ -43,12 +44,14 @@ class BakeReport:
     skipped_zero: int = 0  # modules whose strength × block weight is 0
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    verification: Verification | None = None  # --verify: the patched tensors re-read and recomputed
 
     def as_dict(self) -> dict:
         return {"checkpoint": self.checkpoint, "arch": self.arch, "inputs": self.inputs,
                 "keys_patched": self.keys_patched, "modules_baked": self.modules_baked, "by_block": self.by_block,
                 "unmatched": [{"lora": lo, "module": m, "why": w} for lo, m, w in self.unmatched],
-                "skipped_zero": self.skipped_zero, "notes": self.notes, "seconds": round(self.seconds, 3)}
+                "skipped_zero": self.skipped_zero, "notes": self.notes, "seconds": round(self.seconds, 3),
+                **({"verification": self.verification.as_dict()} if self.verification else {})}
 
 
 @dataclass
@@ -167,13 +170,15 @@ def bake(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], out: str |
          dtype: torch.dtype | None = torch.float16, device: str = "cpu", overwrite: bool = False,
          allow_unmatched: bool = False, progress: Progress | None = None,
          metadata: dict[str, str] | None = None, finalize: Callable[[str], dict[str, str]] | None = None,
-         semantics: str = "a1111") -> tuple[BakeReport, dict[str, str]]:
+         semantics: str = "a1111", verify: bool = False) -> tuple[BakeReport, dict[str, str]]:
     """Write ``checkpoint`` + the inputs' ΔW to ``out``; returns the report and the metadata written.
 
     ``dtype``: floating-point tensors are written in it (None: each keeps its own). ``metadata``
     is added to the checkpoint's own; ``finalize(checkpoint_sha256)`` may return late metadata
     values (same length as their placeholders), e.g. a recipe holding the checkpoint's hash.
     ``semantics``: whose DoRA rule to follow, ``"a1111"`` or ``"forge"`` (the WebUI that will run it).
+    ``verify``: before the file takes its name, re-read every patched tensor and compare it with
+    W + ΣΔW recomputed on the reference path (see :func:`check_patched`); a failure is an error.
     """
     if semantics not in SEMANTICS:
         raise LoraMergeError(f"unknown semantics '{semantics}' (choose {' or '.join(SEMANTICS)})")
@@ -203,16 +208,61 @@ def bake(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], out: str |
         specs = _specs(tf, patches, dtype, dev, semantics)
         meta = {**tf.metadata, **(metadata or {})}
         late = (lambda: finalize(hasher.result())) if finalize else None
+
+        def check(written: os.PathLike) -> None:
+            report.verification = check_patched(written, tf, patches, dtype, dev, semantics)
+            if not report.verification.ok:
+                raise LoraMergeError(f"{report.verification.summary()}; nothing was written", out)
+
         # three things overlap: this thread writes, a prefetch thread computes W + ΔW, the hasher
         # hashes; torch keeps to one thread so none of them waits on a busy core
         try:
             with torch_threads(1 if dev.type == "cpu" else torch.get_num_threads()):
                 written = write_safetensors(out, specs, meta, overwrite=overwrite, finalize=late, prefetch=2,
-                                            progress=progress)
+                                            progress=progress, before_publish=check if verify else None)
         finally:
             hasher.join()
     report.seconds = time.perf_counter() - started
     return report, written
+
+
+# float32 arithmetic: a different summation order moves W + ΔW by a few ulps of W
+_FP32_SLACK = 4 * 2.0**-24
+
+
+def check_patched(written: str | os.PathLike, tf: TensorFile, patches: dict[str, list[_Patch]],
+                  dtype: torch.dtype | None, device: torch.device, semantics: str) -> Verification:
+    """Every patched tensor of the ``written`` file against W + ΣΔW, recomputed from the source on the
+    reference path (each module's own ``delta``, fresh buffers), relative to ‖ΣΔW‖.
+
+    The bound is the rounding of the result to the output dtype (u·‖W′‖_F, plus subnormals) and
+    float32 slack: a tensor whose bytes changed, or that lost its patch, is far outside it.
+    """
+    result = Verification(what="patched tensors")
+    with open_tensor_file(written, "safetensors") as out:
+        result.missing = sorted(set(tf.infos) - set(out.infos))
+        result.unexpected = sorted(set(out.infos) - set(tf.infos))
+        for key, info in tf.infos.items():
+            if key in out.infos and out.infos[key].shape != info.shape:
+                result.missing.append(f"{key} (shape {tuple(out.infos[key].shape)}, not {tuple(info.shape)})")
+        for key, key_patches in patches.items():
+            if key not in out.infos:
+                continue
+            source = tf.get(key)
+            target = patched_weight(source, key_patches, device, semantics=semantics)
+            delta = float((target - source.to(device=device, dtype=torch.float32)).norm())
+            got = out.get(key).to(device=device, dtype=torch.float32)
+            gap = float((got - target).norm())
+            out_dtype = out.infos[key].dtype
+            u = UNIT_ROUNDOFF.get(out_dtype, 2.0**-11)
+            allowed = (u + _FP32_SLACK) * float(target.norm()) + 2.0**-24 * math.sqrt(target.numel())
+            if delta > 0:
+                result.errors[key] = gap / delta
+                result.bounds[key] = allowed / delta + COMPUTE_SLACK
+            else:
+                result.errors[key] = 0.0 if gap <= allowed else math.inf
+                result.bounds[key] = 0.0
+    return result
 
 
 def _specs(tf: TensorFile, patches: dict[str, list[_Patch]], dtype: torch.dtype | None,

@@ -16,6 +16,7 @@ import errno
 import os
 import re
 import secrets
+import shutil
 import socket
 import threading
 from pathlib import Path
@@ -128,6 +129,17 @@ def _umask() -> int:
         mask = os.umask(0o022)
         os.umask(mask)
     return mask
+
+
+def copy_file(source: Path, path: Path, overwrite: bool) -> None:
+    """Copy ``source`` to ``path`` through a temp file beside it (never a half-written copy)."""
+    tmp = temp_path(path)
+    try:
+        shutil.copyfile(source, tmp)
+        publish(tmp, path, overwrite)
+    except BaseException:
+        discard(tmp)
+        raise
 
 
 def publish(tmp: Path, path: Path, overwrite: bool) -> None:

@@ -35,6 +35,15 @@ def file_sha256(path: str | os.PathLike, start: int = 0) -> str:
     return h.hexdigest()
 
 
+def legacy_model_hash(path: str | os.PathLike) -> str:
+    """A1111's old checkpoint hash: sha256 of the 64 KiB at offset 1 MiB, 8 hex digits (``sd_merge_models``)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        h.update(f.read(0x10000))
+    return h.hexdigest()[:8]
+
+
 def data_sha256(path: str | os.PathLike) -> str:
     """A LoRA's hash as A1111 computes it: the data section of a safetensors file, else the whole file."""
     path = Path(path)

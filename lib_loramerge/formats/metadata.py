@@ -19,11 +19,16 @@ hash), ``ss_output_name`` and the sshs hashes over the bytes written (see :mod:`
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from ..errors import LoraMergeError
 
 MODES = ("merge", "first", "new", "none")
+RECIPE_KEY = "lora_merger_recipe"
+# 2: recipe_version and the metadata mode recorded (tool 0.2); 1: tool 0.1's unversioned recipes
+RECIPE_VERSION = 2
 
 # keys that describe the file itself: never inherited (an input's value would be wrong for the output)
 OWN_KEYS = frozenset({
@@ -59,6 +64,66 @@ def inherited(inputs: Sequence[Mapping[str, str]], mode: str, notes: list[str] |
         if joined:
             common[key] = joined
     return common
+
+
+_DEFAULT_RESOLUTION = {"sd1": "512x512", "sd2": "512x512", "sdxl": "1024x1024", "flux": "1024x1024"}
+_RESOLUTION = re.compile(r"^\(?\s*(\d+)\s*[,x]\s*(\d+)\s*\)?$")
+
+
+def spec_facts(inputs: Sequence[Mapping[str, str]], arch: str) -> dict[str, str]:
+    """modelspec resolution and prediction type: what all the inputs say (modelspec, else kohya's
+    ``ss_resolution``/``ss_v_parameterization``), else the architecture's default."""
+    facts: dict[str, str] = {}
+    resolution = _agreed([_resolution(m) for m in inputs]) or _DEFAULT_RESOLUTION.get(arch)
+    if resolution:
+        facts["modelspec.resolution"] = resolution
+    if arch in ("sd1", "sd2", "sdxl"):
+        said = _agreed([_prediction(m) for m in inputs])
+        facts["modelspec.prediction_type"] = said or "epsilon"
+    return facts
+
+
+def _agreed(values: Sequence[str | None]) -> str | None:
+    return values[0] if values and values[0] and all(v == values[0] for v in values) else None
+
+
+def _resolution(meta: Mapping[str, str]) -> str | None:
+    for key in ("modelspec.resolution", "ss_resolution"):
+        found = _RESOLUTION.match(str(meta.get(key, "")).strip())
+        if found:
+            return f"{int(found[1])}x{int(found[2])}"
+    return None
+
+
+def _prediction(meta: Mapping[str, str]) -> str | None:
+    said = str(meta.get("modelspec.prediction_type", "")).strip().lower()
+    if said in ("epsilon", "v"):
+        return said
+    if "ss_v_parameterization" in meta:
+        return "v" if str(meta["ss_v_parameterization"]) == "True" else "epsilon"
+    return None
+
+
+@dataclass
+class OutputMetadata:
+    """What a LoRA output's metadata holds besides the keys the writer computes from the modules."""
+
+    inherited: dict[str, str]  # from the inputs, by the mode
+    facts: dict[str, str]  # modelspec resolution, prediction type, merged_from
+    minimal: bool  # mode "none": only what the WebUIs need (no modelspec extras, no recipe)
+
+
+def for_output(sources: Sequence[tuple[Mapping[str, str], str]], arch: str, mode: str,
+               notes: list[str] | None = None) -> OutputMetadata:
+    """The metadata of an output made from ``sources`` ((metadata, name) per input) in ``mode``."""
+    check_mode(mode)
+    if mode == "none":
+        return OutputMetadata({}, {}, True)
+    metas = [m for m, _ in sources]
+    facts = spec_facts(metas, arch)
+    if len(sources) > 1:
+        facts["modelspec.merged_from"] = merged_from([title_of(m, name) for m, name in sources])
+    return OutputMetadata(inherited(metas, mode, notes), facts, False)
 
 
 def merged_from(titles: Sequence[str]) -> str:

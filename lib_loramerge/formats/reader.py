@@ -25,13 +25,14 @@ ADAPTERS: tuple[FormatAdapter, ...] = (KohyaAdapter(), DiffusersAdapter())
 MAX_MODULES = 20_000
 
 
-def read_lora(path: str | os.PathLike, *, lazy: bool = False) -> LoraModel:
+def read_lora(path: str | os.PathLike, *, lazy: bool = False, container: str | None = None) -> LoraModel:
     """Read a LoRA file (kohya, PEFT or diffusers keys) or raise a one-line LoraMergeError.
 
     ``lazy``: read names, shapes and alphas now and each module's factors only when it is used
     (then checked for NaN/Inf), so merging large files needs about one module's memory per input.
+    ``container``: ``"safetensors"`` reads a file whatever its name (a temp file being verified).
     """
-    with open_tensor_file(path) as tf:
+    with open_tensor_file(path, container) as tf:
         try:
             return _read(tf, lazy and tf.container == "safetensors")
         except LoraMergeError as e:

@@ -412,6 +412,7 @@ def iter_data(specs: list[TensorSpec], prefetch: int = 0, *, raw_copies: bool = 
 
 
 MODEL_HASH_KEY, LEGACY_HASH_KEY = "sshs_model_hash", "sshs_legacy_hash"
+MODELSPEC_HASH_KEY = "modelspec.hash_sha256"  # sai modelspec: "0x" + the same sha256 of the data section
 
 
 class _HashTap:
@@ -425,6 +426,7 @@ class _HashTap:
     LO, HI = 0x100000, 0x110000
 
     def __init__(self, specs: list[TensorSpec], metadata: Mapping[str, str], entries: str | None = None):
+        self.modelspec = MODELSPEC_HASH_KEY in metadata
         ss_meta = {k: v for k, v in metadata.items() if k.startswith("ss_")}
         head = header_bytes(specs, ss_meta, entries)
         self.model = hashlib.sha256()
@@ -439,8 +441,11 @@ class _HashTap:
         self.pos = end
 
     def digests(self) -> dict[str, str]:
-        return {MODEL_HASH_KEY: self.model.hexdigest(),
-                LEGACY_HASH_KEY: hashlib.sha256(bytes(self.legacy)).hexdigest()[:8]}
+        found = {MODEL_HASH_KEY: self.model.hexdigest(),
+                 LEGACY_HASH_KEY: hashlib.sha256(bytes(self.legacy)).hexdigest()[:8]}
+        if self.modelspec:
+            found[MODELSPEC_HASH_KEY] = "0x" + found[MODEL_HASH_KEY]
+        return found
 
 
 def file_size(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None = None, *, sshs: bool = False) -> int:
@@ -465,7 +470,8 @@ def sshs_hashes(specs: Iterable[TensorSpec], metadata: Mapping[str, str]) -> tup
 def write_safetensors(path: str | os.PathLike, specs: Iterable[TensorSpec],
                       metadata: Mapping[str, str] | None = None, *, overwrite: bool = False,
                       sshs: bool = False, finalize: Callable[[], Mapping[str, str]] | None = None,
-                      progress: Callable[[int, int, str], None] | None = None, prefetch: int = 0) -> dict[str, str]:
+                      progress: Callable[[int, int, str], None] | None = None, prefetch: int = 0,
+                      before_publish: Callable[[Path], None] | None = None) -> dict[str, str]:
     """Write a safetensors file atomically: a temp file in the target folder, fsync, rename.
 
     Tensors are produced, cast and written one at a time; :class:`ByteRange` tensors are copied
@@ -476,7 +482,9 @@ def write_safetensors(path: str | os.PathLike, specs: Iterable[TensorSpec],
     (keeping its permissions; a new file gets the umask's); on any failure, or SIGINT/SIGTERM in
     the CLI, the temp file is removed and nothing is left behind. ``progress(done, total, name)``
     is called after each tensor (it may raise to stop the job); ``prefetch`` makes tensors ahead
-    in a thread (see :func:`iter_data`). Returns the metadata written.
+    in a thread (see :func:`iter_data`). ``before_publish(temp_path)`` is called with the complete,
+    synced file before it takes its name (a verification): if it raises, nothing is published.
+    Returns the metadata written.
     """
     path = Path(path)
     check_writable_target(path, overwrite)
@@ -524,6 +532,8 @@ def write_safetensors(path: str | os.PathLike, specs: Iterable[TensorSpec],
             os.fsync(fd)
         finally:
             os.close(fd)
+        if before_publish:
+            before_publish(tmp)
         publish(tmp, path, overwrite)
     except OSError as e:
         discard(tmp)

@@ -108,11 +108,12 @@ def check_input_path(path: str | os.PathLike) -> Path:
     return p
 
 
-def open_tensor_file(path: str | os.PathLike) -> TensorFile:
-    """Open ``path`` by its suffix; anything but safetensors or a weights-only pickle is refused."""
+def open_tensor_file(path: str | os.PathLike, container: str | None = None) -> TensorFile:
+    """Open ``path`` by its suffix (or as ``container``, "safetensors"); anything but safetensors or a
+    weights-only pickle is refused."""
     p = check_input_path(path)
     suffix = p.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
+    if suffix in SAFETENSORS_SUFFIXES or container == "safetensors":
         header = read_header(p)
         infos = {k: TensorInfo(torch_dtype(e.dtype), e.shape) for k, e in header.entries.items()}
         return TensorFile(p, infos, header.metadata, "safetensors", header=header)

@@ -34,6 +34,7 @@ from .lowrank import (
     rank_for_threshold,
     split_factors,
 )
+from .verify import Verification
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -140,6 +141,7 @@ class MergeReport:
     device: str = "cpu"  # where the merge's products ran (small r×r decompositions: always the CPU)
     seconds: float = 0.0  # the merge itself
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of the whole job (read, math, write)
+    verification: Verification | None = None  # --verify: the written file compared with its targets
 
     def energy_summary(self, worst: int = 5) -> dict | None:
         if not self.energy:
@@ -154,7 +156,8 @@ class MergeReport:
                 "ranks_by_kind": {k: {str(r): n for r, n in sorted(v.items())} for k, v in self.ranks_by_kind.items()},
                 "energy": self.energy_summary(), "notes": self.notes, "device": self.device,
                 "seconds": round(self.seconds, 3),
-                "timings": {k: round(v, 3) for k, v in self.timings.items()}}
+                "timings": {k: round(v, 3) for k, v in self.timings.items()},
+                **({"verification": self.verification.as_dict()} if self.verification else {})}
 
 
 @dataclass
