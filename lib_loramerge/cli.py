@@ -119,14 +119,18 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from .formats.writer import parse_dtype
     from .jobs import check_output, merge_to_file, prepare_inputs
     from .ops.merge import MergeOptions, default_device
+    from .ops.methods import method_from_args
 
+    method = method_from_args(args)
     options = MergeOptions(mode=args.mode, rank=args.rank, threshold=args.threshold, clamp=args.clamp,
-                           device=args.device or default_device(), dtype=parse_dtype(args.dtype))
+                           device=args.device or default_device(), dtype=parse_dtype(args.dtype), method=method)
     options.validate()
     check_output(args.out, args.overwrite)
     started = time.perf_counter()
     lookup_notes: list[str] = []
     specs = _input_specs(args, lookup_notes)
+    if method is not None:
+        method.validate(args.mode, len(specs))
     presets = load_presets(args.presets, args.webui_root) if any(s.lbw for s in specs) else None
     inputs, notes = prepare_inputs(specs, presets, seed=args.lbw_seed)
     notes = lookup_notes + notes
@@ -283,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "inputs only, their largest exact factor rank)")
     p.add_argument("--threshold", type=float,
                    help="svd: per module, the smallest rank keeping this fraction of ‖ΔW‖² (0 < T ≤ 1), capped by --rank")
+    from .ops.methods import add_method_args
+
+    add_method_args(p)
     p.add_argument("--clamp", type=float, metavar="Q", help="svd: clip factors to this quantile of |values| (off by default)")
     p.add_argument("--dtype", default="fp16", help="output dtype: fp32, fp16 (default) or bf16")
     p.add_argument("--device", help="where the math runs: cpu or cuda (default: cuda when available)")

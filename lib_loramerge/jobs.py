@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -100,6 +101,7 @@ def merge_recipe(inputs: Sequence[MergeInput], options: MergeOptions, arch: str,
         "tool": "sd-webui-lora-merger", "version": __version__, "recipe_version": RECIPE_VERSION, "type": "merge",
         "arch": arch, "mode": options.mode, "rank": options.rank, "threshold": options.threshold,
         "clamp": options.clamp, "dtype": short_dtype(options.dtype), "metadata": metadata_mode, "inputs": entries,
+        **(options.method.recipe() if options.method is not None else {}),
     }
 
 
@@ -117,6 +119,8 @@ def merge_to_file(inputs: Sequence[MergeInput], options: MergeOptions, out: str 
     check_mode(metadata_mode)
     out = start_output(out, overwrite, notes)
     hashes = input_hashes([i.lora for i in inputs])
+    if verify and options.method is not None:  # ties/dare: keep each module's exact result to compare with
+        options = dataclasses.replace(options, method=dataclasses.replace(options.method, keep_targets=True))
     result = merge_loras(inputs, options, progress)
     started = time.perf_counter()
     entries, hash_notes = input_entries(inputs, hashes)
@@ -155,9 +159,17 @@ class MergeVerifier:
     def targets(self) -> tuple[dict, dict[str, float]]:
         if self.options.mode == "add" or self.options.clamp is not None:
             return {m.name: [(m, 1.0)] for m in self.merged.modules}, {}
-        targets = {m.name: [(i.lora.modules[m.name], i.strength(m.name)) for i in self.inputs
-                            if m.name in i.lora.modules and i.strength(m.name) != 0.0]
-                   for m in self.merged.modules}
+        method = self.merged.method
+        if method is not None and method.targets:  # ties/dare: the method's exact (untruncated) result
+            targets = {m.name: [(method.targets[m.name], 1.0)] for m in self.merged.modules}
+        elif method is not None:  # a linear method: Σ cᵢ·ΔWᵢ with its coefficients
+            targets = {m.name: [(i.lora.modules[m.name], c) for i, c in zip(self.inputs, method.coefficients[m.name],
+                                                                           strict=True) if c != 0.0]
+                       for m in self.merged.modules}
+        else:
+            targets = {m.name: [(i.lora.modules[m.name], i.strength(m.name)) for i in self.inputs
+                                if m.name in i.lora.modules and i.strength(m.name) != 0.0]
+                       for m in self.merged.modules}
         energy = self.merged.report.energy
         allowed = {n: (max(1.0 - e, 0.0) + self.ENERGY_SLACK) ** 0.5 for n, e in energy.items()}
         return targets, allowed

@@ -263,10 +263,12 @@ def _merge_inputs(recipe: dict, paths: Sequence[Path]):
 def _replay_merge(recipe, folders, ckpt_folders, target, overwrite, device, date, progress) -> ReplayResult:
     from .jobs import merge_to_file
     from .ops.merge import MergeOptions
+    from .ops.methods import MethodSpec
 
     paths, notes = _entries_found(recipe, Finder(folders))
     options = MergeOptions(mode=recipe.get("mode", "svd"), rank=recipe.get("rank"), threshold=recipe.get("threshold"),
-                           clamp=recipe.get("clamp"), device=device, dtype=_dtype(recipe))
+                           clamp=recipe.get("clamp"), device=device, dtype=_dtype(recipe),
+                           method=MethodSpec.from_recipe(recipe))
     options.validate()
     mode = recipe.get("metadata", "new" if recipe.get("recipe_version", 1) == 1 else "merge")  # v1 kept nothing
     job = merge_to_file(_merge_inputs(recipe, paths), options, target, overwrite=overwrite, progress=progress,

@@ -91,6 +91,8 @@ class MergeOptions:
     # svd: rank_policy(module, singular values) → the rank to keep (capped by ``rank``), instead of a
     # threshold; how resize applies its policies (ops.policies) through this one-input merge
     rank_policy: Callable[[str, torch.Tensor], int] | None = None
+    # a merge method other than the weighted sum (ops.methods.MethodSpec); None: the sum
+    method: object | None = None
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -105,6 +107,8 @@ class MergeOptions:
             raise LoraMergeError(f"--threshold and --clamp apply to svd mode only, not {self.mode}")
         if self.rank_policy is not None and (self.mode != "svd" or self.threshold is not None):
             raise LoraMergeError("a rank policy applies to svd mode only, and replaces --threshold")
+        if self.method is not None:
+            self.method.validate(self.mode)
         check_device(self.device)
 
 
@@ -165,6 +169,7 @@ class MergeResult:
     modules: list[LoraModule]
     arch: str
     report: MergeReport
+    method: object | None = None  # the bound merge method (ops.methods.MethodMerge) when not the sum
 
 
 @dataclass
@@ -242,19 +247,24 @@ def merge_loras(inputs: Sequence[MergeInput], options: MergeOptions,
         names.update(dict.fromkeys(inp.lora.modules))
     device = check_device(options.device)
     report.device = str(device)
+    method = None if options.method is None or options.method.is_sum else options.method.bind(inputs)
+    if method is not None:
+        report.notes.append(method.note())
 
     def parts_of(name: str) -> list[_Part]:
         return [_Part(inp.lora.name, inp.lora.modules[name], inp.strength(name))
                 for inp in inputs if name in inp.lora.modules]
 
     def work(unit: list[str]) -> list[_Outcome]:
+        if method is not None:  # per module: its coefficients or new factors come from its own inputs
+            return [method.merge_module(n, options, rank_cap, device) for n in unit]
         if len(unit) > 1 or _batchable(parts_of(unit[0]), options):
             return _merge_batch(unit, [parts_of(n) for n in unit], options, rank_cap, device)
         return [_merge_module(unit[0], parts_of(unit[0]), options, rank_cap, device)]
 
     outcomes: dict[str, _Outcome] = {}
     done = 0
-    units = _work_units(list(names), parts_of, options)
+    units = _work_units(list(names), parts_of, options) if method is None else [[n] for n in names]
     for unit, results in zip(units, parallel_map(work, units, device), strict=True):
         for name, outcome in zip(unit, results, strict=True):
             outcomes[name] = outcome
@@ -285,7 +295,7 @@ def merge_loras(inputs: Sequence[MergeInput], options: MergeOptions,
             f"--mode svd --rank N gives the best rank-N approximation")
     report.modules_out = len(out)
     report.seconds = time.perf_counter() - started
-    return MergeResult(modules=out, arch=arch, report=report)
+    return MergeResult(modules=out, arch=arch, report=report, method=method)
 
 
 def _check_lycoris(inputs: Sequence[MergeInput], options: MergeOptions) -> dict[str, dict[str, int]]:
