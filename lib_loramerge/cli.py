@@ -1,4 +1,4 @@
-"""Command line: ``python -m lib_loramerge info|merge|bake|extract|resize|replay|batch|ui …``.
+"""Command line: ``python -m lib_loramerge info|merge|analyze|bake|extract|resize|replay|batch|ui …``.
 
 Every user error is one line ``error: <file>: <reason>`` on stderr and exit status 2, with no
 traceback (``--debug`` shows it). Anything else is a bug: one line, exit status 1.
@@ -316,10 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_bake)
 
-    from . import cli_extract, cli_recipes
+    from . import cli_analyze, cli_extract, cli_recipes
 
     cli_extract.add_commands(sub)
     cli_recipes.add_commands(sub)
+    cli_analyze.add_commands(sub)
 
     p = sub.add_parser("ui", help="serve the WebUI tab (merge, bake, extract, resize, inspect) on 127.0.0.1 in a browser")
     p.add_argument("--lora-dir", action="append", metavar="DIR",
