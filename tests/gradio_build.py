@@ -54,7 +54,8 @@ def check_build(root: Path) -> str:
         for i in range(MAX_ROWS):
             for part in ("lora", "unet", "te", "weights", "refresh", "row"):
                 assert f"lora_merger_{panel}_{part}_{i}" in found, f"missing lora_merger_{panel}_{part}_{i}"
-    for elem in ("lora_merger_bake_checkpoint", "lora_merger_bake_button", "lora_merger_inspect_lora",
+    for elem in ("lora_merger_merge_method", "lora_merger_merge_t", "lora_merger_merge_density",
+                 "lora_merger_bake_checkpoint", "lora_merger_bake_button", "lora_merger_inspect_lora",
                  "lora_merger_extract_base", "lora_merger_extract_tuned", "lora_merger_extract_rank",
                  "lora_merger_extract_button", "lora_merger_extract_stop", "lora_merger_extract_chart",
                  "lora_merger_resize_lora", "lora_merger_resize_policy", "lora_merger_resize_value",
@@ -73,6 +74,8 @@ def check_build(root: Path) -> str:
     rows = [LoraRow("style_a.safetensors", 0.8, 0.5, "MIDD"), LoraRow("detail_c.safetensors", 1.0, 1.0)]
     merged = merge(host, MergeRequest(rows, "g", mode="svd", rank=2))
     assert merged.ok and merged.path.is_file(), merged.message
+    slerped = merge(host, MergeRequest(rows, "s", mode="svd", rank=2, method="slerp", t=0.3))
+    assert slerped.ok and "slerp (t = 0.3)" in slerped.message, slerped.message
     baked = bake(host, BakeRequest("base_sd1.safetensors", [LoraRow("narrow_a.safetensors")], "b"))
     assert baked.ok and baked.path.is_file(), baked.message
     inspected = inspect(host, "g.safetensors")

@@ -82,7 +82,7 @@ def test_sum_is_the_default_and_records_no_method(tmp_path, trio, capsys):
     (("--method", "slerp", "--t", "1.5"), "t must be in [0, 1]"),
     (("--method", "slerp", "--t", "nan"), "finite"),
     (("--method", "ties", "--density", "0"), "density must be in (0, 1]"),
-    (("--method", "ties", "--mode", "concat"), "use --mode svd"),
+    (("--method", "ties", "--mode", "concat"), "(--mode svd)"),
     (("--method", "perpendicular", "--t", "0.2"), "--t does not apply to method perpendicular"),
     (("--density", "0.3",), "--density does not apply to method sum"),
     (("--method", "norm", "--norm-target", "-2"), "must be positive"),

@@ -111,7 +111,7 @@ class MethodSpec:
                 raise LoraMergeError(f"density must be in (0, 1], got {self.density:g}")
             if mode is not None and mode != "svd":
                 raise LoraMergeError(f"method {self.name} rebuilds new factors and truncates them by SVD: "
-                                     f"use --mode svd, not {mode}")
+                                     f"use svd mode (--mode svd), not {mode}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise LoraMergeError(f"seed must be an integer, got {self.seed!r}")
         if n_inputs is not None:
@@ -369,5 +369,16 @@ def method_from_args(args) -> MethodSpec | None:
         return None
     spec = MethodSpec(name=name, t=args.t, norm_kind=args.norm_kind, norm_target=args.norm_target,
                       density=args.density, seed=args.seed)
+    spec.validate()
+    return spec
+
+
+def method_spec(name: str, t: float = 0.5, density: float | None = None) -> MethodSpec | None:
+    """The tab's method settings as a MethodSpec (None for the sum); norm with its defaults, a fresh DARE seed."""
+    if name == "sum":
+        return None
+    if name not in METHODS:
+        raise LoraMergeError(f"unknown method '{name}' (choose {', '.join(METHODS)})")
+    spec = MethodSpec(name=name, t=0.5 if t is None else t, density=density if family(name) in CORE_METHODS else None)
     spec.validate()
     return spec

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
+from ..ops.methods import METHODS
 from . import handlers
 from .handlers import NO_BLOCK_WEIGHTS, BakeRequest, ChartRows, LoraRow, MergeRequest
 from .host import Host
@@ -23,6 +24,9 @@ MODES = ["svd", "concat", "add"]
 DTYPES = ["fp16", "bf16", "fp32"]
 BAKE_DTYPES = [*DTYPES, "keep"]
 BAKE_TARGETS = ["a checkpoint file", "the loaded model"]
+METHOD_HELP = ("sum: Σ strength·ΔW · slerp: two LoRAs, by t · perpendicular: the first plus the others' parts "
+               "orthogonal to it · norm: each rescaled to the mean norm · ties/dare: in the aligned core space "
+               "(svd mode) · -dense: element-wise on the dense ΔW (slow); see the README")
 MODE_HELP = ("svd: best rank-k approximation of the exact sum · concat: exact, rank = sum of ranks · "
              "add: the classic factor sum (approximate, equal ranks only)")
 
@@ -191,9 +195,10 @@ def build_tab(host: Host) -> gr.Blocks:
                 all_lora_dropdowns.append(inspect_lora)
 
         def run_merge(progress=gr.Progress(), *values):  # noqa: B008 (gradio finds its bar by this default)
-            *row_values, mode, rank, threshold, dtype, device, output, overwrite = values
+            *row_values, mode, rank, threshold, dtype, device, output, overwrite, method, t, density = values
             request = MergeRequest(rows=LoraRows.parse(row_values), output=output, mode=mode, rank=rank,
-                                   threshold=threshold, dtype=dtype, device=device, overwrite=bool(overwrite))
+                                   threshold=threshold, dtype=dtype, device=device, overwrite=bool(overwrite),
+                                   method=method, t=t, density=density)
             outcome = handlers.merge(host, request, _progress_bridge(progress, "merging", "modules"))
             return outcome.message, ENERGY_CHART.update(outcome.chart)
 
@@ -298,6 +303,13 @@ def _merge_panel(host: Host, lora_choices: list[str], preset_choices: list[str],
         threshold = gr.Number(value=0, minimum=0, maximum=1, label="Energy threshold (svd; 0: off)",
                               elem_id=f"{p}_threshold", scale=1)
     with gr.Row():
+        method = gr.Dropdown(list(METHODS), value="sum", label="Method", info=METHOD_HELP, elem_id=f"{p}_method",
+                             scale=3)
+        t = gr.Slider(0, 1, value=0.5, step=0.01, label="t (slerp: 0 = first LoRA, 1 = second)", elem_id=f"{p}_t",
+                      scale=2)
+        density = gr.Number(value=0, minimum=0, maximum=1, label="Density (ties/dare; 0: default)",
+                            elem_id=f"{p}_density", scale=1)
+    with gr.Row():
         dtype = gr.Dropdown(DTYPES, value="fp16", label="Save as", elem_id=f"{p}_dtype", scale=1)
         device = gr.Dropdown(device_choices, value=device_choices[0], label="Device", elem_id=f"{p}_device", scale=1)
         output = gr.Textbox(label="Output file name (saved in the LoRA folder)", placeholder="merged.safetensors",
@@ -309,7 +321,8 @@ def _merge_panel(host: Host, lora_choices: list[str], preset_choices: list[str],
     result = gr.Textbox(label="Result", lines=10, max_lines=30, interactive=False, elem_id=f"{p}_result")
     chart = ENERGY_CHART.component(f"{p}_chart")
 
-    return MergePanel(rows, [mode, rank, threshold, dtype, device, output, overwrite], merge, stop, result, chart)
+    return MergePanel(rows, [mode, rank, threshold, dtype, device, output, overwrite, method, t, density], merge, stop,
+                      result, chart)
 
 
 def _prompt_filler(host: Host, rows: LoraRows, p: str) -> None:

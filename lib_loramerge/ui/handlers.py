@@ -61,6 +61,9 @@ class MergeRequest:
     dtype: str = "fp16"
     device: str = "cpu"
     overwrite: bool = False
+    method: str = "sum"  # ops.methods.METHODS
+    t: float = 0.5  # slerp
+    density: float | None = None  # ties/dare; None or 0: the method's default
 
 
 @dataclass
@@ -168,11 +171,17 @@ def merge(host: Host, request: MergeRequest, ui_progress: UiProgress | None = No
 
         out = output_path(request.output, host.lora_output_dir())
         check_output(out, request.overwrite)
+        from ..ops.methods import method_spec
+
+        method = method_spec(request.method or "sum", request.t, _optional_number(request.density, "density"))
         options = MergeOptions(mode=request.mode, rank=_optional_number(request.rank, "rank", whole=True),
                                threshold=_optional_number(request.threshold, "energy threshold"),
-                               device=request.device or host.device(), dtype=parse_dtype(request.dtype))
+                               device=request.device or host.device(), dtype=parse_dtype(request.dtype),
+                               method=method)
         options.validate()
         specs = specs_from_rows(host, request.rows)
+        if method is not None:
+            method.validate(request.mode, len(specs))
         presets = host.presets() if any(s.lbw for s in specs) else None
 
         def job():
