@@ -337,3 +337,17 @@ def test_sum_method_is_the_plain_merge():
 def test_bad_method_parameters_are_one_clear_error(spec, mode, n, message):
     with pytest.raises(LoraMergeError, match=message.replace("[", r"\[").replace("]", r"\]")):
         spec.validate(mode, n)
+
+
+def test_gram_of_several_inputs_with_an_absent_one_matches_dense():
+    a, b = pair_of_loras(correlated=0.4)
+    name = next(n for n in a.modules if n in b.modules and a.modules[n].mid is None)
+    modules = [a.modules[name], None, b.modules[name], a.modules[name]]
+    weights = [0.5, 1.0, -2.0, 1.5]
+    pairs = [None if m is None else inner.scaled_pair(m, w) for m, w in zip(modules, weights, strict=True)]
+    flat = [None if m is None else w * dense(m).flatten() for m, w in zip(modules, weights, strict=True)]
+    g = inner.gram(pairs)
+    for i in range(4):
+        for j in range(4):
+            want = 0.0 if flat[i] is None or flat[j] is None else float(flat[i] @ flat[j])
+            assert math.isclose(float(g[i, j]), want, rel_tol=1e-10, abs_tol=1e-14)

@@ -46,13 +46,13 @@ def test_block_norms_and_cosines_match_dense(pair):
     for block, (xs, ys) in flat.items():
         x, y = torch.cat(xs), torch.cat(ys)
         s = analysis.blocks[block]
-        assert math.isclose(s.norm(0), float(x.norm()), rel_tol=1e-9)
-        assert math.isclose(s.norm(1), float(y.norm()), rel_tol=1e-9, abs_tol=1e-12)
+        assert math.isclose(s.norm(0), float(x.norm()), rel_tol=1e-5)
+        assert math.isclose(s.norm(1), float(y.norm()), rel_tol=1e-5, abs_tol=1e-9)
         if float(y.norm()) == 0:
             assert s.cosine(0, 1) is None
             continue
-        assert math.isclose(s.cosine(0, 1), float(x @ y / (x.norm() * y.norm())), rel_tol=1e-8, abs_tol=1e-12)
-        assert math.isclose(s.overlap(0, 1), float(2 * x @ y / (x @ x + y @ y)), rel_tol=1e-8, abs_tol=1e-12)
+        assert math.isclose(s.cosine(0, 1), float(x @ y / (x.norm() * y.norm())), rel_tol=1e-5, abs_tol=1e-6)
+        assert math.isclose(s.overlap(0, 1), float(2 * x @ y / (x @ x + y @ y)), rel_tol=1e-5, abs_tol=1e-6)
     assert all(analysis.blocks[b].cosine(0, 1) < -0.3 for b in ("OUT09", "OUT10", "OUT11"))
     assert "OUT09" in analysis.summary() and "interfere" in analysis.summary()
 

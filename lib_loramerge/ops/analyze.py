@@ -149,7 +149,7 @@ def analyze_loras(loras: Sequence[LoraModel], strengths: Sequence[float] | None 
                 continue
             if getattr(module, "algo", "") == "dora":  # its effect depends on W: compare the ΔW it starts from
                 module = module.inner
-            pairs.append(inner.scaled_pair(module, te[k] if is_text_encoder(name) else unet[k], device))
+            pairs.append(inner.scaled_pair(module, te[k] if is_text_encoder(name) else unet[k], device, torch.float32))
         shapes = {(p[0].shape[0], p[1].shape[1]) for p in pairs if p is not None}
         if len(shapes) > 1:
             raise LoraMergeError(f"not the same layer in every input (flat shapes {sorted(shapes)})", module=name)

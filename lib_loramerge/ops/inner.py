@@ -22,27 +22,42 @@ from ..model import NetworkModule
 Pair = tuple[torch.Tensor, torch.Tensor]  # (U, D) with ΔW = U @ D, scale folded into U
 
 
-def scaled_pair(module: NetworkModule, weight: float = 1.0, device: torch.device | str = "cpu") -> Pair:
-    """(U, D) in float64 with ΔW = weight · scale · U @ D = U @ D (weight and alpha/rank folded into U)."""
-    up, down = module.factor_matrices(torch.float64, device)  # a Tucker/LoHa/LoKr form is folded in float64 too
+def scaled_pair(module: NetworkModule, weight: float = 1.0, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float64) -> Pair:
+    """(U, D) with ΔW = weight · scale · U @ D = U @ D (weight and alpha/rank folded into U).
+
+    float64 by default (a Tucker/LoHa/LoKr form is folded in it too); float32 halves the cost where
+    cosines good to ~1e-6 are enough (the analysis)."""
+    up, down = module.factor_matrices(dtype, device)
     return (weight * module.scale) * up, down
 
 
 def inner(a: Pair, b: Pair) -> float:
     """⟨U_a D_a, U_b D_b⟩_F = Σ (U_aᵀU_b) ⊙ (D_a D_bᵀ)."""
     (ua, da), (ub, db) = a, b
-    return float(((ua.T @ ub) * (da @ db.T)).sum())
+    return float(((ua.T @ ub) * (da @ db.T)).sum(dtype=torch.float64))
 
 
 def gram(pairs: Sequence[Pair | None]) -> torch.Tensor:
     """The n × n matrix of inner products ⟨ΔWᵢ, ΔWⱼ⟩ (float64); a None pair (module absent) is zero."""
     n = len(pairs)
     g = torch.zeros(n, n, dtype=torch.float64)
-    for i in range(n):
-        for j in range(i, n):
-            if pairs[i] is None or pairs[j] is None:
-                continue
-            g[i, j] = g[j, i] = inner(pairs[i], pairs[j])
+    present = [i for i, p in enumerate(pairs) if p is not None]
+    if present:
+        # all pairs at once: the Grams of the stacked factors [U₁ … Uₖ], [D₁; …; Dₖ], summed block by block
+        ups = torch.cat([pairs[i][0] for i in present], 1)
+        downs = torch.cat([pairs[i][1] for i in present], 0)
+        products = (ups.T @ ups) * (downs @ downs.T)
+        edges = [0]
+        for i in present:
+            edges.append(edges[-1] + pairs[i][0].shape[1])
+        index = torch.repeat_interleave(torch.arange(len(present)), torch.tensor(edges).diff()).to(products.device)
+        blocks = torch.zeros(len(present), len(present), dtype=torch.float64, device=products.device)
+        # block sums: rows then columns through index_add (one pass, no Python loop over pairs)
+        rows = torch.zeros(len(present), products.shape[1], dtype=torch.float64, device=products.device)
+        rows.index_add_(0, index, products.double())
+        blocks.index_add_(1, index, rows)
+        g[torch.tensor(present)[:, None], torch.tensor(present)[None, :]] = blocks.cpu()
     # a squared norm is ≥ 0; rounding of a (near-)zero update must not make it negative
     g.diagonal().clamp_(min=0.0)
     return g
