@@ -55,6 +55,7 @@ def check_build(root: Path) -> str:
             for part in ("lora", "unet", "te", "weights", "refresh", "row"):
                 assert f"lora_merger_{panel}_{part}_{i}" in found, f"missing lora_merger_{panel}_{part}_{i}"
     for elem in ("lora_merger_merge_method", "lora_merger_merge_t", "lora_merger_merge_density",
+                 "lora_merger_analyze_loras", "lora_merger_analyze_button", "lora_merger_analyze_chart",
                  "lora_merger_bake_checkpoint", "lora_merger_bake_button", "lora_merger_inspect_lora",
                  "lora_merger_extract_base", "lora_merger_extract_tuned", "lora_merger_extract_rank",
                  "lora_merger_extract_button", "lora_merger_extract_stop", "lora_merger_extract_chart",
@@ -76,6 +77,12 @@ def check_build(root: Path) -> str:
     assert merged.ok and merged.path.is_file(), merged.message
     slerped = merge(host, MergeRequest(rows, "s", mode="svd", rank=2, method="slerp", t=0.3))
     assert slerped.ok and "slerp (t = 0.3)" in slerped.message, slerped.message
+    from lib_loramerge.ui.handlers_methods import analyze
+    from lib_loramerge.ui.panels_methods import COSINE_CHART
+
+    compared = analyze(host, ["style_a.safetensors", "detail_c.safetensors"])
+    assert compared.ok and compared.chart, compared.message
+    assert apply_update(found["lora_merger_analyze_chart"], COSINE_CHART.update(compared.chart)).get("value") is not None
     baked = bake(host, BakeRequest("base_sd1.safetensors", [LoraRow("narrow_a.safetensors")], "b"))
     assert baked.ok and baked.path.is_file(), baked.message
     inspected = inspect(host, "g.safetensors")

@@ -52,3 +52,15 @@ def test_merge_panel_bad_method_settings_are_one_line(host, request_, message):
     outcome = handlers.merge(host, MergeRequest(rows(3), "bad", **request_))
     assert not outcome.ok and message in outcome.message and "\n" not in outcome.message
     assert not (host.lora_output_dir() / "bad.safetensors").exists()
+
+
+def test_compare_two_loras_in_the_tab(host):
+    from lib_loramerge.ui.handlers_methods import analyze
+
+    outcome = analyze(host, ["style_a.safetensors", "character_b.safetensors"])
+    assert outcome.ok, outcome.message
+    assert "style_a and character_b: cosine" in outcome.message
+    assert outcome.chart and all(-1 <= v <= 1 for _, v in outcome.chart)
+    assert "cos 1·2" in outcome.table[0][1]
+    refused = analyze(host, ["style_a.safetensors"])
+    assert not refused.ok and "two or more" in refused.message

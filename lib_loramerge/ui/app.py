@@ -169,7 +169,7 @@ def _lora_rows(host: Host, prefix: str, lora_choices: list[str], preset_choices:
 
 def build_tab(host: Host) -> gr.Blocks:
     """The whole tab as one ``gr.Blocks`` (A1111/Forge render it inside their own tab)."""
-    from . import panels_extract  # (it builds on this module's helpers)
+    from . import panels_extract, panels_methods  # (they build on this module's helpers)
 
     lora_choices = list(host.loras())
     presets = host.presets()
@@ -193,6 +193,7 @@ def build_tab(host: Host) -> gr.Blocks:
             with gr.Tab("Inspect", id="inspect", elem_id=f"{ELEM}_inspect_panel"):
                 inspect_lora = _inspect_panel(host, lora_choices)
                 all_lora_dropdowns.append(inspect_lora)
+                all_lora_dropdowns.append(panels_methods.analyze_panel(host, lora_choices))
 
         def run_merge(progress=gr.Progress(), *values):  # noqa: B008 (gradio finds its bar by this default)
             *row_values, mode, rank, threshold, dtype, device, output, overwrite, method, t, density = values
