@@ -328,6 +328,7 @@ def test_sum_method_is_the_plain_merge():
     (MethodSpec("slerp", t=1.5), "svd", 2, "t must be in [0, 1]"),
     (MethodSpec("slerp", t=float("nan")), "svd", 2, "finite"),
     (MethodSpec("perpendicular"), "svd", 1, "at least two"),
+    (MethodSpec("karcher"), "svd", 1, "two or more"),
     (MethodSpec("norm", norm_target="loud"), "svd", 2, "norm target"),
     (MethodSpec("norm", norm_target=-1.0), "svd", 2, "positive"),
     (MethodSpec("ties", density=0.0), "svd", 2, "density"),
@@ -351,3 +352,44 @@ def test_gram_of_several_inputs_with_an_absent_one_matches_dense():
         for j in range(4):
             want = 0.0 if flat[i] is None or flat[j] is None else float(flat[i] @ flat[j])
             assert math.isclose(float(g[i, j]), want, rel_tol=1e-10, abs_tol=1e-14)
+
+
+def dense_karcher(vectors, steps=200):
+    """The Karcher mean on the unit sphere of flattened vectors (Buss & Fillmore 2001's fixed point),
+    at the mean norm; written out here on the dense vectors themselves."""
+    norms = [float(v.norm()) for v in vectors]
+    units = [v / n for v, n in zip(vectors, norms, strict=True)]
+    x = sum(units) / len(units)
+    x = x / x.norm()
+    for _ in range(steps):
+        logs = []
+        for u in units:
+            cos = max(-1.0, min(1.0, float(x @ u)))
+            theta = math.acos(cos)
+            logs.append((u - cos * x) * (theta / math.sin(theta) if theta > 1e-12 else 1.0))
+        step = sum(logs) / len(logs)
+        size = float(step.norm())
+        if size < 1e-14:
+            break
+        x = math.cos(size) * x + math.sin(size) * step / size
+        x = x / x.norm()
+    return sum(norms) / len(norms) * x
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_karcher_matches_a_dense_karcher_mean(n):
+    a, b = pair_of_loras(correlated=0.6)
+    c = lora(make_modules("sd1", scope="locon", rank=2, alpha=1.0, seed=5, only=ONLY_A), "c")
+    inputs = [MergeInput(a, unet=0.9), MergeInput(b, unet=1.3), MergeInput(c, unet=-0.7)][:n]
+    got, _ = outputs(inputs, MethodSpec("karcher"))
+    for name in names_of(inputs):
+        present = [tagged(i, name) for i in inputs if name in i.lora.modules]
+        shape = present[0].shape
+        want = dense_karcher([w.flatten() for w in present]).reshape(shape)
+        assert_close(got[name], want, rel=1e-6)
+    if n == 2:  # two inputs: the bisector of their directions, at the mean norm
+        for name in set(a.modules) & set(b.modules):
+            x, y = (tagged(i, name).flatten() for i in inputs)
+            bisector = x / x.norm() + y / y.norm()
+            want = (x.norm() + y.norm()) / 2 * bisector / bisector.norm()
+            assert_close(got[name].flatten(), want, rel=1e-6)

@@ -38,6 +38,7 @@ def tensors_of(path):
 @pytest.mark.parametrize("argv, recorded", [
     (("--method", "slerp", "--t", "0.3"), {"t": 0.3}),
     (("--method", "perpendicular"), {}),
+    (("--method", "karcher"), {}),
     (("--method", "norm", "--norm", "spectral", "--norm-target", "max"), {"norm_kind": "spectral", "norm_target": "max"}),
     (("--method", "ties", "--density", "0.4"), {"density": 0.4}),
     (("--method", "dare", "--seed", "11"), {"density": 0.5, "seed": 11}),
@@ -87,7 +88,7 @@ def test_sum_is_the_default_and_records_no_method(tmp_path, trio, capsys):
     (("--density", "0.3",), "--density does not apply to method sum"),
     (("--method", "norm", "--norm-target", "-2"), "must be positive"),
     (("--method", "norm", "--norm-target", "inf"), "finite"),
-    (("--method", "karcher",), "invalid choice"),
+    (("--method", "nuslerp",), "invalid choice"),
 ])
 def test_bad_method_input_is_one_line_exit_2(tmp_path, trio, capsys, argv, message):
     out = tmp_path / "bad.safetensors"

@@ -6,10 +6,12 @@ weight, ΔWᵢ = αᵢ/rᵢ · Uᵢ Dᵢ). A method replaces the sum Σ Aᵢ by:
 * ``slerp`` (two inputs): sin((1−t)θ)/sin θ · A + sin(tθ)/sin θ · B, θ = ∠(A, B) on the flattened
   updates; lerp (1−t)·A + t·B when A ∥ B or one is zero (a module absent from an input is zero there).
 * ``perpendicular``: A₁ + Σⱼ₍≥₂₎ (Aⱼ − proj_{A₁} Aⱼ), proj_{A₁} Aⱼ = ⟨Aⱼ, A₁⟩/‖A₁‖² · A₁.
+* ``karcher``: ν̄·x, x the Karcher (Riemannian) mean of the directions Aᵢ/‖Aᵢ‖ on the unit sphere,
+  ν̄ the mean of the norms ‖Aᵢ‖ (N inputs; for two, the bisector of their directions).
 * ``norm``: Σ sᵢ · τ/‖ΔWᵢ‖ · ΔWᵢ, every input's update rescaled to the target norm τ (Frobenius or
   spectral; τ = the mean, max or min of the inputs' norms for that module, or a number).
 
-These three are linear combinations Σ cᵢ·ΔWᵢ with coefficients from the inner products
+These four are linear combinations Σ cᵢ·ΔWᵢ with coefficients from the inner products
 (:mod:`.inner`), so they go through concat/svd/add exactly like the sum, and verification compares
 the file with Σ cᵢ·ΔWᵢ.
 
@@ -46,8 +48,8 @@ from . import inner
 from .lowrank import FactorSVD
 from .merge import _NOISE, MergeInput, MergeOptions, _check_shapes, _merge_module, _Outcome, _Part, _shape_known, _truncated
 
-METHODS = ("sum", "slerp", "perpendicular", "norm", "ties", "dare", "ties-dense", "dare-dense")
-LINEAR_METHODS = ("slerp", "perpendicular", "norm")  # a linear combination of the inputs: any mode
+METHODS = ("sum", "slerp", "karcher", "perpendicular", "norm", "ties", "dare", "ties-dense", "dare-dense")
+LINEAR_METHODS = ("slerp", "karcher", "perpendicular", "norm")  # a linear combination of the inputs: any mode
 CORE_METHODS = ("ties", "dare")  # aligned core space
 DENSE_METHODS = ("ties-dense", "dare-dense")
 NORM_KINDS = ("frobenius", "spectral")
@@ -55,6 +57,8 @@ NORM_TARGETS = ("mean", "max", "min")
 DEFAULT_DENSITY = {"ties": 0.2, "dare": 0.5}  # TIES paper's k = 20 %; DARE: drop half
 # |cos θ| above this: A and B are (anti)parallel, sin θ is rounding noise, so slerp is lerp
 COLLINEAR = 0.9995
+KARCHER_STEPS = 100  # the Karcher iteration converges in a handful of steps for updates less than π/2 apart
+KARCHER_TOLERANCE = 1e-12  # stop when the Riemannian gradient's norm is below this (unit sphere)
 
 
 def family(method: str) -> str:
@@ -119,6 +123,8 @@ class MethodSpec:
                 raise LoraMergeError(f"slerp interpolates between exactly two LoRAs, got {n_inputs}")
             if self.name == "perpendicular" and n_inputs < 2:
                 raise LoraMergeError(f"perpendicular needs at least two LoRAs (a base and what to add), got {n_inputs}")
+            if self.name == "karcher" and n_inputs < 2:
+                raise LoraMergeError(f"karcher averages two or more LoRAs, got {n_inputs}")
 
     def recipe(self) -> dict:
         """What the recipe records: the method and only the parameters it uses."""
@@ -145,6 +151,8 @@ class MethodSpec:
         """The method in words, for the report."""
         if self.name == "slerp":
             return f"slerp (t = {self.t:g}) per module on the flattened ΔW"
+        if self.name == "karcher":
+            return "karcher: the spherical (Karcher) mean of the inputs' directions at their mean norm, per module"
         if self.name == "perpendicular":
             return "perpendicular: the first LoRA plus the parts of the others orthogonal to it, per module"
         if self.name == "norm":
@@ -262,6 +270,8 @@ class MethodMerge:
                 return [1.0 - t, t]
             theta = math.acos(cos)
             return [math.sin((1.0 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)]
+        if spec.name == "karcher":
+            return karcher_coefficients(g)
         # perpendicular: the base keeps its update, minus the projections of the others onto it
         if indices[0] != 0:  # no base here: nothing to be perpendicular to
             return [1.0] * len(pairs)
@@ -295,6 +305,47 @@ class MethodMerge:
         outcome = _truncated(name, svd, magnitude * _NOISE * stacked, cap, ref, options)
         outcome.notes = notes + outcome.notes
         return outcome
+
+
+def karcher_coefficients(g: torch.Tensor) -> list[float]:
+    """mᵢ with Σ mᵢ·Aᵢ = ν̄ · x: x the Karcher mean (equal weights) of the unit directions Aᵢ/‖Aᵢ‖ on the
+    sphere, ν̄ the mean of the norms ‖Aᵢ‖; zero updates take no part. ``g``: the Gram of the Aᵢ.
+
+    Computed in the span of the inputs: x = Σ cⱼ·âⱼ, so every inner product is cᵀK… with K the
+    Gram of the unit directions, and each step x ← exp_x(mean of log_x(âᵢ)) is exact in coefficients.
+    Directions that are exactly opposite have no Karcher mean: then the arithmetic mean is used.
+    """
+    n = g.shape[0]
+    norms = g.diagonal().clamp_min(0).sqrt()
+    live = [i for i in range(n) if float(norms[i]) > 0]
+    multipliers = [0.0] * n
+    if not live:
+        return multipliers
+    k = g[live][:, live] / torch.outer(norms[live], norms[live])
+    mean_norm = float(norms[live].mean())
+    m = len(live)
+    c = torch.full((m,), 1.0 / m, dtype=torch.float64)
+    length = float(c @ k @ c)
+    if length <= 1e-24:  # the directions cancel: no mean direction
+        return [1.0 / n if i in live else 0.0 for i in range(n)]
+    c /= math.sqrt(length)
+    for _ in range(KARCHER_STEPS):
+        cos = (k @ c).clamp(-1.0, 1.0)
+        theta = torch.arccos(cos)
+        sin = torch.sin(theta)
+        if bool(((sin < 1e-12) & (cos < 0)).any()):  # an input opposite the mean: log map undefined
+            return [1.0 / n if i in live else 0.0 for i in range(n)]
+        factor = torch.where(sin > 1e-12, theta / sin.clamp_min(1e-300), torch.ones_like(theta))
+        # log_x(âᵢ) = θᵢ/sin θᵢ · (âᵢ − cos θᵢ · x), averaged, in coefficients
+        step = (torch.diag(factor) - factor[:, None] * cos[:, None] * c[None, :]).sum(0) / m
+        size = math.sqrt(max(float(step @ k @ step), 0.0))
+        if size < KARCHER_TOLERANCE:
+            break
+        c = math.cos(size) * c + math.sin(size) * step / size
+        c /= math.sqrt(float(c @ k @ c))
+    for j, i in enumerate(live):
+        multipliers[i] = mean_norm * float(c[j]) / float(norms[i])
+    return multipliers
 
 
 def core_space_merge(pairs: Sequence[inner.Pair], method: str, density: float,
@@ -339,7 +390,8 @@ def dense_merge(pairs: Sequence[inner.Pair], method: str, density: float,
 def add_method_args(p) -> None:
     """``--method`` and its parameters on an argparse parser (the merge command)."""
     p.add_argument("--method", choices=METHODS, default="sum",
-                   help="how the inputs combine, per module: sum (default: Σ strength·ΔW); slerp (two LoRAs, --t); "
+                   help="how the inputs combine, per module: sum (default: Σ strength·ΔW); slerp (two LoRAs, --t); karcher "
+                        "(spherical mean of N); "
                         "perpendicular (the first plus the others' parts orthogonal to it); norm (each rescaled to "
                         "--norm-target before summing); ties / dare (--density; dare: --seed) in the aligned core "
                         "space, exact; ties-dense / dare-dense: element-wise on the dense ΔW (slow)")
@@ -360,7 +412,7 @@ def method_from_args(args) -> MethodSpec | None:
     name = getattr(args, "method", "sum")
     given = {"--t": args.t != 0.5, "--norm": args.norm_kind != "frobenius", "--norm-target": args.norm_target != "mean",
              "--density": args.density is not None, "--seed": args.seed is not None}
-    uses = {"sum": (), "slerp": ("--t",), "perpendicular": (), "norm": ("--norm", "--norm-target"),
+    uses = {"sum": (), "slerp": ("--t",), "karcher": (), "perpendicular": (), "norm": ("--norm", "--norm-target"),
             "ties": ("--density",), "dare": ("--density", "--seed")}[family(name)]
     stray = [flag for flag, set_ in given.items() if set_ and flag not in uses]
     if stray:

@@ -24,9 +24,9 @@ MODES = ["svd", "concat", "add"]
 DTYPES = ["fp16", "bf16", "fp32"]
 BAKE_DTYPES = [*DTYPES, "keep"]
 BAKE_TARGETS = ["a checkpoint file", "the loaded model"]
-METHOD_HELP = ("sum: Σ strength·ΔW · slerp: two LoRAs, by t · perpendicular: the first plus the others' parts "
-               "orthogonal to it · norm: each rescaled to the mean norm · ties/dare: in the aligned core space "
-               "(svd mode) · -dense: element-wise on the dense ΔW (slow); see the README")
+METHOD_HELP = ("sum: Σ strength·ΔW · slerp: two LoRAs, by t · karcher: spherical mean · perpendicular: the first "
+               "plus the others' parts orthogonal to it · norm: each rescaled to the mean norm · ties/dare: in the "
+               "aligned core space (svd mode) · -dense: element-wise on the dense ΔW (slow); see the README")
 MODE_HELP = ("svd: best rank-k approximation of the exact sum · concat: exact, rank = sum of ranks · "
              "add: the classic factor sum (approximate, equal ranks only)")
 
