@@ -393,3 +393,17 @@ def test_karcher_matches_a_dense_karcher_mean(n):
             bisector = x / x.norm() + y / y.norm()
             want = (x.norm() + y.norm()) / 2 * bisector / bisector.norm()
             assert_close(got[name].flatten(), want, rel=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("spec", [MethodSpec("slerp", t=0.3), MethodSpec("karcher"), MethodSpec("norm", norm_kind="spectral"),
+                                  MethodSpec("ties"), MethodSpec("dare", seed=4), MethodSpec("ties-dense"),
+                                  MethodSpec("dare-dense", seed=4)])
+def test_methods_on_cuda_agree_with_the_cpu(spec):
+    inputs = core_inputs()
+    on_cpu, _ = outputs(inputs, spec, mode="svd", rank=5)
+    on_cuda = {m.name: dense(m) for m in merge_loras(inputs, MergeOptions(rank=5, dtype=F32, device="cuda",
+                                                                           method=spec)).modules}
+    assert on_cpu.keys() == on_cuda.keys()
+    for name in on_cpu:
+        assert_close(on_cuda[name], on_cpu[name], rel=1e-4)
