@@ -176,14 +176,16 @@ def format_analysis(analysis: Analysis, top: int = 5) -> str:
     """A text report: a table of per-block norms and cosines, a bar per block, the summary."""
     names = analysis.names
     pairs = analysis.pairs
-    head = ["block", "mods", *(f"‖{n[:10]}‖" for n in names), *(f"cos {i + 1}·{j + 1}" for i, j in pairs)]
+    head = ["block", "mods", *(f"‖{n[:10]}‖" for n in names),
+            *(f"{what} {i + 1}·{j + 1}" for i, j in pairs for what in ("cos", "overlap"))]
     rows = []
     for label, s in [*analysis.blocks.items(), (ALL, analysis.total)]:
-        cosines = [s.cosine(i, j) for i, j in pairs]
+        values = [v for i, j in pairs for v in (s.cosine(i, j), s.overlap(i, j))]
         rows.append([label, str(s.modules), *(f"{s.norm(i):.4g}" for i in range(len(names))),
-                     *("—" if c is None else f"{c:+.3f}" for c in cosines)])
+                     *("—" if v is None else f"{v:+.3f}" for v in values)])
     widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(head)]
-    lines = [f"inputs: {', '.join(f'{k + 1}={n}' for k, n in enumerate(names))} ({analysis.arch})",
+    lines = [f"inputs: {', '.join(f'{k + 1}={n}' for k, n in enumerate(names))} ({analysis.arch}); cos: cosine of "
+             "the flattened updates; overlap: share of ‖ΔWᵢ+ΔWⱼ‖² from their common directions",
              "  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     for i, j in pairs:
