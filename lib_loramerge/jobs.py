@@ -147,7 +147,9 @@ def verification_error(result: Verification, out: Path) -> LoraMergeError:
 class MergeVerifier:
     """Re-reads a merge's written (temp) file and compares each module with the exact weighted sum of
     the inputs' modules (concat: exact; svd: within √(1 − kept energy)). ``add`` and ``clamp`` are not
-    the exact sum by design: their file is compared with the merge's own result instead."""
+    the exact sum by design: their file is compared with the merge's own result instead. A linear
+    merge method (slerp, karcher, perpendicular, norm) is compared with Σ cᵢ·ΔWᵢ for its computed
+    coefficients; ties/dare with the method's own untruncated result."""
 
     ENERGY_SLACK = 1e-5  # the precision of a kept-energy fraction (float32 Gram matrices)
 

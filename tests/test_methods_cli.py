@@ -85,6 +85,7 @@ def test_sum_is_the_default_and_records_no_method(tmp_path, trio, capsys):
     (("--method", "ties", "--density", "0"), "density must be in (0, 1]"),
     (("--method", "ties", "--mode", "concat"), "(--mode svd)"),
     (("--method", "perpendicular", "--t", "0.2"), "--t does not apply to method perpendicular"),
+    (("--method", "ties", "--t", "0.5"), "--t does not apply to method ties"),
     (("--density", "0.3",), "--density does not apply to method sum"),
     (("--method", "norm", "--norm-target", "-2"), "must be positive"),
     (("--method", "norm", "--norm-target", "inf"), "finite"),

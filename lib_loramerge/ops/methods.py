@@ -395,10 +395,10 @@ def add_method_args(p) -> None:
                         "perpendicular (the first plus the others' parts orthogonal to it); norm (each rescaled to "
                         "--norm-target before summing); ties / dare (--density; dare: --seed) in the aligned core "
                         "space, exact; ties-dense / dare-dense: element-wise on the dense ΔW (slow)")
-    p.add_argument("--t", type=float, default=0.5, help="slerp: 0 = the first LoRA, 1 = the second (default 0.5)")
-    p.add_argument("--norm", dest="norm_kind", choices=NORM_KINDS, default="frobenius",
+    p.add_argument("--t", type=float, help="slerp: 0 = the first LoRA, 1 = the second (default 0.5)")
+    p.add_argument("--norm", dest="norm_kind", choices=NORM_KINDS,
                    help="norm: which norm to equalise (default frobenius; spectral = the largest singular value)")
-    p.add_argument("--norm-target", default="mean", metavar="T",
+    p.add_argument("--norm-target", metavar="T",
                    help="norm: mean, max, min (of the inputs' norms, per module) or a positive number (default mean)")
     p.add_argument("--density", type=float, metavar="D",
                    help="ties/dare: fraction of entries kept, 0 < D ≤ 1 (default: ties 0.2, dare 0.5)")
@@ -410,17 +410,18 @@ def method_from_args(args) -> MethodSpec | None:
     """The MethodSpec of parsed merge arguments (None for the weighted sum); parameters a method does
     not use are refused, so a typo'd command does not silently merge another way."""
     name = getattr(args, "method", "sum")
-    given = {"--t": args.t != 0.5, "--norm": args.norm_kind != "frobenius", "--norm-target": args.norm_target != "mean",
-             "--density": args.density is not None, "--seed": args.seed is not None}
+    given = {"--t": args.t, "--norm": args.norm_kind, "--norm-target": args.norm_target, "--density": args.density,
+             "--seed": args.seed}
     uses = {"sum": (), "slerp": ("--t",), "karcher": (), "perpendicular": (), "norm": ("--norm", "--norm-target"),
             "ties": ("--density",), "dare": ("--density", "--seed")}[family(name)]
-    stray = [flag for flag, set_ in given.items() if set_ and flag not in uses]
+    stray = [flag for flag, value in given.items() if value is not None and flag not in uses]
     if stray:
         raise LoraMergeError(f"{', '.join(stray)} {'does' if len(stray) == 1 else 'do'} not apply to method {name}")
     if name == "sum":
         return None
-    spec = MethodSpec(name=name, t=args.t, norm_kind=args.norm_kind, norm_target=args.norm_target,
-                      density=args.density, seed=args.seed)
+    spec = MethodSpec(name=name, t=0.5 if args.t is None else args.t, norm_kind=args.norm_kind or "frobenius",
+                      norm_target="mean" if args.norm_target is None else args.norm_target, density=args.density,
+                      seed=args.seed)
     spec.validate()
     return spec
 
