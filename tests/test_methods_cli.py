@@ -97,3 +97,13 @@ def test_bad_method_input_is_one_line_exit_2(tmp_path, trio, capsys, argv, messa
     assert code == 2
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
     assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("method", ["slerp", "ties", "dare-dense"])
+def test_a_factor_with_nan_is_one_line_exit_2(tmp_path, trio, capsys, method):
+    modules = make_modules("sd1", rank=2, seed=9, only="down_blocks_1_attentions_0|layers_1_self")
+    modules[0].up[0, 0] = float("nan")
+    bad = write_kohya(tmp_path / "nan.safetensors", modules)
+    out = tmp_path / "o.safetensors"
+    code, _, err = run(capsys, "merge", "--models", trio[0], bad, "--method", method, "--device", "cpu", "--out", out)
+    assert code == 2 and "NaN" in err and len(err.strip().splitlines()) == 1 and not out.exists()
