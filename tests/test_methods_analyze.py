@@ -71,3 +71,10 @@ def test_analyze_needs_two_loras(pair, capsys):
     assert main(["analyze", str(pair[0])]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "at least two" in err and len(err.strip().splitlines()) == 1
+
+
+def test_three_loras_get_every_pair_and_a_cosine_matrix(pair, tmp_path, capsys):
+    third = write_kohya(tmp_path / "c.safetensors", make_modules("sd1", rank=2, seed=7, only="up_blocks_3"))
+    assert main(["analyze", *map(str, pair), str(third)]) == 0
+    out = capsys.readouterr().out
+    assert "cos 1·2" in out and "cos 1·3" in out and "cos 2·3" in out and "overall cosine, every pair" in out

@@ -188,6 +188,15 @@ def format_analysis(analysis: Analysis, top: int = 5) -> str:
              "the flattened updates; overlap: share of ‖ΔWᵢ+ΔWⱼ‖² from their common directions",
              "  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    if len(names) > 2:  # every pair at a glance: the overall cosine matrix
+        lines.append("\noverall cosine, every pair:")
+        lines.append("      " + "".join(f"{k + 1:>8}" for k in range(len(names))))
+        for i in range(len(names)):
+            cells = []
+            for j in range(len(names)):
+                c = 1.0 if i == j else analysis.total.cosine(min(i, j), max(i, j))
+                cells.append(f"{'—' if c is None else f'{c:+.3f}':>8}")
+            lines.append(f"{i + 1:>6}" + "".join(cells))
     for i, j in pairs:
         lines.append(f"\ncosine {i + 1}·{j + 1} per block (bar: |cos|, + aligned, − opposed):")
         for label, s in analysis.blocks.items():
