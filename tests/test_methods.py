@@ -226,12 +226,12 @@ def best_rank(w, k):
     return u[:, :k] * s[:k] @ vh[:k]
 
 
-def aligned_reference(updates, rule, rank=7):
+def aligned_reference(updates, rule, rank=7, right_rank=None):
     """The aligned definition densely: the joint basis (left singular vectors of [A₁ … Aₙ], right ones
     of [A₁; …; Aₙ], the top R = Σrᵢ (7 for core_inputs) of each), each update's coordinates there, the
     rule, back."""
     u = torch.linalg.svd(torch.cat(updates, 1), full_matrices=False).U[:, :rank]
-    v = torch.linalg.svd(torch.cat(updates, 0), full_matrices=False).Vh[:rank].T
+    v = torch.linalg.svd(torch.cat(updates, 0), full_matrices=False).Vh[:right_rank or rank].T
     coords = torch.stack([u.T @ w @ v for w in updates])
     return u @ rule(coords) @ v.T
 
@@ -407,3 +407,35 @@ def test_methods_on_cuda_agree_with_the_cpu(spec):
     assert on_cpu.keys() == on_cuda.keys()
     for name in on_cpu:
         assert_close(on_cuda[name], on_cpu[name], rel=1e-4)
+
+
+# ---- LyCORIS inputs (LoKr, LoHa, Tucker LoCon) through their exact factor forms ------------------------------
+
+def lycoris_updates(inputs, parts, name):
+    """Each input's tagged ΔW of one module from A1111's own formulas (test_lycoris), None where absent."""
+    from test_lycoris import SHAPES, a1111_delta
+
+    return [inp.strength(name) * a1111_delta(parts[inp.lora.name][name], SHAPES[name]).reshape(SHAPES[name][0], -1)
+            if name in parts[inp.lora.name] else None for inp in inputs]
+
+
+def test_lycoris_inputs_slerp_and_core_ties(tmp_path):
+    from synth import write_tensors
+    from test_lycoris import SHAPES, loha_parts, lokr_parts, lora_parts
+
+    parts = {"lokr": lokr_parts(), "loha": loha_parts(), "lora": lora_parts()}
+    inputs = []
+    for key, strength in (("lokr", 0.8), ("loha", -1.1), ("lora", 0.6)):
+        model = read_lora(write_tensors(tmp_path / f"{key}.safetensors", parts[key]), lazy=True)
+        model.path = Path(key)  # input names match the parts' keys
+        inputs.append(MergeInput(model, unet=strength))
+    got, _ = outputs(inputs[:2], MethodSpec("slerp", t=0.4))
+    for name in SHAPES:
+        a, b = lycoris_updates(inputs[:2], parts, name)
+        assert_close(got[name], dense_slerp(a, b, 0.4), rel=1e-5)
+    got, _ = outputs(inputs, MethodSpec("ties", density=0.3), mode="svd", rank=512)
+    for name in SHAPES:
+        updates = [w for w in lycoris_updates(inputs, parts, name) if w is not None]
+        spans = [int(torch.linalg.matrix_rank(torch.cat(updates, axis))) for axis in (1, 0)]
+        want = aligned_reference(updates, lambda c: dense_ties(c, 0.3), *spans)
+        assert_close(got[name], want, rel=1e-5)

@@ -19,7 +19,8 @@ the file with Σ cᵢ·ΔWᵢ.
   Q_d R_d (QR of each side, R = Σrᵢ), every update is Aᵢ = Q_u Cᵢ Q_dᵀ with the small core
   Cᵢ = R_u[:, Iᵢ] R_d[:, Iᵢ]ᵀ. The cores are expressed in the joint singular basis of the
   updates (KnOTS): P = left singular vectors of [C₁ … Cₙ] (those of [A₁ … Aₙ]), W = right singular
-  vectors of [C₁; …; Cₙ], Ĉᵢ = Pᵀ Cᵢ W — a basis that does not depend on QR's arbitrary choices. TIES
+  vectors of [C₁; …; Cₙ] (only the directions the updates span), Ĉᵢ = Pᵀ Cᵢ W — a basis that does not
+  depend on QR's arbitrary choices nor on how the factors are stacked. TIES
   (trim to the top ``density`` of |entries| per input, elect the sign of the trimmed sum, mean of the
   entries that agree) or DARE (keep each entry with probability ``density``, divide by it, sum) is
   applied to the Ĉᵢ entries, and the merged core M gives ΔW = (Q_u P) M (Q_d W)ᵀ, whose SVD comes
@@ -57,6 +58,8 @@ NORM_TARGETS = ("mean", "max", "min")
 DEFAULT_DENSITY = {"ties": 0.2, "dare": 0.5}  # TIES paper's k = 20 %; DARE: drop half
 # |cos θ| above this: A and B are (anti)parallel, sin θ is rounding noise, so slerp is lerp
 COLLINEAR = 0.9995
+CORE_NOISE = 1e-12  # core space: singular values below this multiple of Σ‖Uᵢ‖‖Dᵢ‖ are float64 rounding
+SPAN_RTOL = 1e-10  # core space: joint singular values below this fraction of the largest are null directions
 KARCHER_STEPS = 100  # the Karcher iteration converges in a handful of steps for updates less than π/2 apart
 KARCHER_TOLERANCE = 1e-12  # stop when the Riemannian gradient's norm is below this (unit sphere)
 
@@ -296,13 +299,16 @@ class MethodMerge:
         else:
             svd = dense_merge(pairs, self.spec.name, self.spec.density, generator)
         cap = min(rank_cap or stacked, out, width, stacked)
+        # singular values below this are rounding: the core route runs in float64 on the exact factors (its
+        # null directions are already gone), the dense one in float32 like the sum's svd
+        floor = magnitude * (CORE_NOISE if self.spec.name in CORE_METHODS else _NOISE * stacked)
         if self.spec.keep_targets:
-            significant = svd.values > magnitude * _NOISE * stacked
+            significant = svd.values > floor
             k = int(significant.sum())
             root = svd.values[:k].sqrt().to(svd.left.dtype)
             self.targets[name] = LoraModule(name, (svd.left[:, :k] * root).float().cpu(),
                                             (root[:, None] * svd.right[:k]).float().cpu(), None)
-        outcome = _truncated(name, svd, magnitude * _NOISE * stacked, cap, ref, options)
+        outcome = _truncated(name, svd, floor, cap, ref, options)
         outcome.notes = notes + outcome.notes
         return outcome
 
@@ -348,6 +354,11 @@ def karcher_coefficients(g: torch.Tensor) -> list[float]:
     return multipliers
 
 
+def _span(values: torch.Tensor) -> int:
+    """How many singular values are not rounding noise of the largest (float64 products of fp32 factors)."""
+    return int((values > values[0] * SPAN_RTOL).sum()) if values.numel() and float(values[0]) > 0 else 0
+
+
 def core_space_merge(pairs: Sequence[inner.Pair], method: str, density: float,
                      generator: torch.Generator | None = None) -> FactorSVD:
     """TIES/DARE of the updates Uᵢ Dᵢ in their aligned core space (see the module docstring); the SVD
@@ -364,8 +375,15 @@ def core_space_merge(pairs: Sequence[inner.Pair], method: str, density: float,
     cores_cpu = torch.stack(cores).cpu()
     # the joint basis: left singular vectors of [C₁ … Cₙ], right ones of [C₁; …; Cₙ] (not the sum's, in
     # which the off-diagonal entries of two inputs cancel exactly and TIES would elect signs by rounding)
-    p = torch.linalg.svd(torch.cat(list(cores_cpu), 1), full_matrices=False).U
-    wh = torch.linalg.svd(torch.cat(list(cores_cpu), 0), full_matrices=False).Vh
+    left = torch.linalg.svd(torch.cat(list(cores_cpu), 1), full_matrices=False)
+    right = torch.linalg.svd(torch.cat(list(cores_cpu), 0), full_matrices=False)
+    # only the directions the updates span: a stack wider than its rank (LoHa/LoKr factor forms, a LoRA
+    # twice) adds null directions whose entries are all 0, which would change what "density" counts
+    p = left.U[:, :_span(left.S)]
+    wh = right.Vh[:_span(right.S)]
+    if p.shape[1] == 0 or wh.shape[0] == 0:  # every update is zero
+        empty = torch.zeros(0, dtype=torch.float64)
+        return FactorSVD(up.new_zeros(up.shape[0], 0), empty, down.new_zeros(0, down.shape[1]))
     aligned = p.T @ cores_cpu @ wh.T
     merged = ties_merge(aligned, density) if method == "ties" else dare_merge(aligned, density, generator)
     p2, values, wh2 = torch.linalg.svd(merged)
