@@ -439,3 +439,14 @@ def test_lycoris_inputs_slerp_and_core_ties(tmp_path):
         spans = [int(torch.linalg.matrix_rank(torch.cat(updates, axis))) for axis in (1, 0)]
         want = aligned_reference(updates, lambda c: dense_ties(c, 0.3), *spans)
         assert_close(got[name], want, rel=1e-5)
+
+
+@pytest.mark.parametrize("spec", [MethodSpec("slerp"), MethodSpec("ties")])
+def test_a_module_of_another_shape_is_refused_naming_it(spec):
+    a, _ = pair_of_loras()
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    other = LoraModule(name, torch.randn(320, 2), torch.randn(2, 640), 1.0)
+    inputs = [MergeInput(a), MergeInput(lora([other], "o"))]
+    with pytest.raises(LoraMergeError, match="not the same layer") as e:
+        merge_loras(inputs, MergeOptions(method=spec))
+    assert e.value.module == name

@@ -96,7 +96,7 @@ class MethodSpec:
         if self.name not in METHODS:
             raise LoraMergeError(f"unknown method '{self.name}' (choose {', '.join(METHODS)})")
         if self.name == "slerp":
-            _finite(self.t, "--t")
+            _finite(self.t, "slerp's t")
             if not 0.0 <= self.t <= 1.0:
                 raise LoraMergeError(f"slerp's t must be in [0, 1], got {self.t:g}")
         if self.name == "norm":
@@ -113,7 +113,7 @@ class MethodSpec:
                 if self.norm_target <= 0:
                     raise LoraMergeError(f"norm target must be positive, got {self.norm_target:g}")
         if family(self.name) in CORE_METHODS:
-            _finite(self.density, "--density")
+            _finite(self.density, "density")
             if not 0.0 < self.density <= 1.0:
                 raise LoraMergeError(f"density must be in (0, 1], got {self.density:g}")
             if mode is not None and mode != "svd":
@@ -228,6 +228,8 @@ class MethodMerge:
                 if inp.strength(name) != 0.0]
         if not live:
             return _Outcome(None, "strength or block weight 0 in every input")
+        # different layers under one name: refused with the shapes before any product is formed
+        _check_shapes(name, [_Part(self.inputs[i].lora.name, module, s) for i, module, s in live])
         if self.spec.name in LINEAR_METHODS:
             return self._linear(name, live, options, rank_cap, device)
         return self._rebuilt(name, live, options, rank_cap, device)
