@@ -46,7 +46,7 @@ import torch
 from ..errors import LoraMergeError
 from ..model import LoraModule
 from . import inner
-from .lowrank import FactorSVD
+from .lowrank import FactorSVD, _cholesky
 from .merge import _NOISE, MergeInput, MergeOptions, _check_shapes, _merge_module, _Outcome, _Part, _shape_known, _truncated
 
 METHODS = ("sum", "slerp", "karcher", "perpendicular", "norm", "ties", "dare", "ties-dense", "dare-dense")
@@ -364,17 +364,27 @@ def _span(values: torch.Tensor) -> int:
 def core_space_merge(pairs: Sequence[inner.Pair], method: str, density: float,
                      generator: torch.Generator | None = None) -> FactorSVD:
     """TIES/DARE of the updates Uᵢ Dᵢ in their aligned core space (see the module docstring); the SVD
-    of the merged update, every singular triplet, from an R × R core (R = Σ rᵢ)."""
+    of the merged update, every singular triplet, from an R × R core (R = Σ rᵢ).
+
+    U = Q_u T_u and Dᵀ = Q_d T_d with T from Cholesky of the Grams (QR when a stack is dependent):
+    the cores need only the T; Q_u X = U (T_u⁻¹ X) is applied at the end, never formed."""
     up = torch.cat([u for u, _ in pairs], 1)
     down = torch.cat([d for _, d in pairs], 0)
-    q_up, r_up = torch.linalg.qr(up)
-    q_down, r_down = torch.linalg.qr(down.T)
+    low_up = low_down = None
+    if up.shape[1] <= min(up.shape[0], down.shape[1]):  # Cholesky needs independent columns
+        low_up, low_down = _cholesky((up.T @ up).cpu()), _cholesky((down @ down.T).cpu())
+    if low_up is not None and low_down is not None:
+        t_up, t_down = low_up.T, low_down.T
+    else:
+        q_up, t_up = torch.linalg.qr(up)
+        q_down, t_down = torch.linalg.qr(down.T)
+        t_up, t_down = t_up.cpu(), t_down.cpu()
     cores, offset = [], 0
     for u, _ in pairs:
         block = slice(offset, offset + u.shape[1])
-        cores.append(r_up[:, block] @ r_down[:, block].T)  # Q_uᵀ Aᵢ Q_d
+        cores.append(t_up[:, block] @ t_down[:, block].T)  # Q_uᵀ Aᵢ Q_d
         offset += u.shape[1]
-    cores_cpu = torch.stack(cores).cpu()
+    cores_cpu = torch.stack(cores)
     # the joint basis: left singular vectors of [C₁ … Cₙ], right ones of [C₁; …; Cₙ] (not the sum's, in
     # which the off-diagonal entries of two inputs cancel exactly and TIES would elect signs by rounding)
     left = torch.linalg.svd(torch.cat(list(cores_cpu), 1), full_matrices=False)
@@ -389,9 +399,14 @@ def core_space_merge(pairs: Sequence[inner.Pair], method: str, density: float,
     aligned = p.T @ cores_cpu @ wh.T
     merged = ties_merge(aligned, density) if method == "ties" else dare_merge(aligned, density, generator)
     p2, values, wh2 = torch.linalg.svd(merged)
-    to_left = (p @ p2).to(q_up.device, q_up.dtype)
-    to_right = (wh2 @ wh).to(q_down.device, q_down.dtype)
-    return FactorSVD(left=q_up @ to_left, values=values, right=to_right @ q_down.T)
+    to_left, to_right = p @ p2, (wh2 @ wh).T  # in the bases Q_u and Q_d
+    if low_up is not None and low_down is not None:  # Q_u X = U T_u⁻¹ X, Q_d Y = Dᵀ T_d⁻¹ Y
+        to_left = torch.linalg.solve_triangular(t_up, to_left, upper=True)
+        to_right = torch.linalg.solve_triangular(t_down, to_right, upper=True)
+        return FactorSVD(left=up @ to_left.to(up.device, up.dtype), values=values,
+                         right=to_right.to(down.device, down.dtype).T @ down)
+    return FactorSVD(left=q_up @ to_left.to(q_up.device, q_up.dtype), values=values,
+                     right=to_right.to(q_down.device, q_down.dtype).T @ q_down.T)
 
 
 def dense_merge(pairs: Sequence[inner.Pair], method: str, density: float,
