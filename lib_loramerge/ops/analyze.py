@@ -141,19 +141,23 @@ def analyze_loras(loras: Sequence[LoraModel], strengths: Sequence[float] | None 
         names.update(dict.fromkeys(lora.modules))
 
     def gram_of(name: str) -> torch.Tensor:
-        pairs = []
+        pairs, weights = [], []
         for k, lora in enumerate(loras):
             module = lora.modules.get(name)
             if module is None:
                 pairs.append(None)
+                weights.append(0.0)
                 continue
             if getattr(module, "algo", "") == "dora":  # its effect depends on W: compare the ΔW it starts from
                 module = module.inner
-            pairs.append(inner.scaled_pair(module, te[k] if is_text_encoder(name) else unet[k], device, torch.float32))
+            # float32 factors as stored; strength × alpha/rank applied to the small Gram, not to a copy of U
+            pairs.append(module.factor_matrices(torch.float32, device))
+            weights.append((te[k] if is_text_encoder(name) else unet[k]) * module.scale)
         shapes = {(p[0].shape[0], p[1].shape[1]) for p in pairs if p is not None}
         if len(shapes) > 1:
             raise LoraMergeError(f"not the same layer in every input (flat shapes {sorted(shapes)})", module=name)
-        return inner.gram(pairs)
+        w = torch.tensor(weights, dtype=torch.float64)
+        return inner.gram(pairs) * torch.outer(w, w)
 
     layout = list(FULL_LAYOUT.get(arch, []))
     total, blocks, modules = _stats(n), {b: _stats(n) for b in layout}, {}
