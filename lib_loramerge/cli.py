@@ -222,7 +222,7 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--te-ratios", nargs="+", type=float, metavar="S",
                    help="text-encoder strength per model; default: the UNet strength")
     p.add_argument("--lbws", nargs="+", metavar="SPEC",
-                   help="block weights per model, as LBW: a preset name or 12/17/20/26 comma-separated values "
+                   help="block weights per model, as LBW: a preset name or 12/17/20/26 (Flux: 61) comma-separated values "
                         "(R, U, X, X+d, X-d allowed); '-' for none; one value: all")
     p.add_argument("--presets", action="append", metavar="FILE",
                    help="extra LBW preset file (NAME:v1,…,vN per line); overrides presets of the same name")

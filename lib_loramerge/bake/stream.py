@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..blocks.layouts import IDS_26
+from ..blocks.layouts import ALL_IDS
 from ..blocks.mapping import block_of
 from ..errors import LoraMergeError
 from ..formats.hashing import BackgroundHashes
@@ -90,7 +90,7 @@ def plan_patches(layout: CheckpointLayout, inputs: Sequence[MergeInput], report:
             report.by_block[block] = report.by_block.get(block, 0) + 1
             report.modules_baked += 1
     report.keys_patched = len(patches)
-    order = {b: i for i, b in enumerate([*IDS_26, "-"])}
+    order = {b: i for i, b in enumerate([*ALL_IDS, "-"])}
     report.by_block = dict(sorted(report.by_block.items(), key=lambda kv: order[kv[0]]))
     return patches
 
