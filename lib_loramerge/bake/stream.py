@@ -1,4 +1,4 @@
-"""Bake LoRAs into a checkpoint, tensor by tensor: W′ = W + Σᵢ ΔWᵢ in fp32, then cast.
+"""Bake LoRAs into a checkpoint, tensor by tensor: W′ = W + Σᵢ ΔWᵢ in fp32, then cast (fp8 Flux files too).
 
 The checkpoint is read and the output written one tensor at a time (a safetensors file is a
 header plus raw bytes), so peak memory is about one tensor plus the LoRAs' current module, not
@@ -186,6 +186,9 @@ def bake(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], out: str |
     dev = check_device(device)
     if not inputs:
         raise LoraMergeError("nothing to bake: no LoRAs given")
+    if os.fspath(checkpoint).lower().endswith(".gguf"):
+        raise LoraMergeError("a GGUF checkpoint is quantised: its weights cannot take W + ΔW exactly; bake into "
+                             "the bf16, fp16 or fp8 (float8_e4m3fn) .safetensors file instead", checkpoint)
     with open_tensor_file(checkpoint) as tf:
         try:
             layout = CheckpointLayout({k: i.shape for k, i in tf.infos.items()},
@@ -226,6 +229,9 @@ def bake(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], out: str |
     return report, written
 
 
+# fp8 checkpoints (Flux): 3 and 2 mantissa bits; absent on a torch without float8 types
+_FP8_ROUNDOFF = {getattr(torch, name): u for name, u in (("float8_e4m3fn", 2.0**-4), ("float8_e5m2", 2.0**-3))
+                 if hasattr(torch, name)}
 # float32 arithmetic: a different summation order moves W + ΔW by a few ulps of W
 _FP32_SLACK = 4 * 2.0**-24
 
@@ -254,7 +260,7 @@ def check_patched(written: str | os.PathLike, tf: TensorFile, patches: dict[str,
             got = out.get(key).to(device=device, dtype=torch.float32)
             gap = float((got - target).norm())
             out_dtype = out.infos[key].dtype
-            u = UNIT_ROUNDOFF.get(out_dtype, 2.0**-11)
+            u = UNIT_ROUNDOFF.get(out_dtype) or _FP8_ROUNDOFF.get(out_dtype, 2.0**-11)
             allowed = (u + _FP32_SLACK) * float(target.norm()) + 2.0**-24 * math.sqrt(target.numel())
             if delta > 0:
                 result.errors[key] = gap / delta
