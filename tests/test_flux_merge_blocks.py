@@ -185,3 +185,36 @@ def test_info_describes_a_flux_lora_by_block(tmp_path):
     assert report.norms["D00"] == pytest.approx(d00 ** 0.5, rel=1e-5) and qkv.weight_shape == (3 * H, H)
     text = format_summary(summarize(lora))
     assert "arch:        Flux" in text and "61 LBW blocks touched" in text and "transformer" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# the tab's handlers
+
+
+def test_the_tab_lists_inspects_and_merges_flux_loras(tmp_path):
+    from lib_loramerge.ui import handlers
+    from lib_loramerge.ui.handlers import LoraRow, MergeRequest
+    from lib_loramerge.ui.host import StandaloneHost
+
+    folder = tmp_path / "Lora"
+    folder.mkdir()
+    flux_file(folder, "flux_style", 13)
+    flux_file(folder, "flux_face", 14)
+
+    class A1111Host(StandaloneHost):
+        def runs_flux(self):
+            return False
+
+    host = A1111Host([folder])
+    assert set(host.loras()) == {"flux_style.safetensors", "flux_face.safetensors"}
+    shown = handlers.inspect(host, "flux_style.safetensors")
+    assert shown.ok and shown.message.startswith("flux_style.safetensors: Flux, 554 modules")
+    assert [b for b, _ in shown.chart] == IDS_FLUX
+    assert dict(shown.table)["modules"].startswith("554 (314 transformer, 240 text encoder)")
+    rows = [LoraRow("flux_style.safetensors", unet=1.0, te=1.0, weights="FLUXALL"),
+            LoraRow("flux_face.safetensors", unet=0.5, te=0.5), LoraRow(None), LoraRow(None)]
+    done = handlers.merge(host, MergeRequest(rows, "both", mode="svd", rank="4", dtype="fp16"))
+    assert done.ok, done.message
+    assert "Flux" in done.message and "cannot generate with Flux; use it in Forge" in done.message
+    assert [b for b, _ in done.chart][:3] == ["CLIP", "T5", "IN"]
+    assert read_lora(done.path).arch == "flux"

@@ -181,7 +181,7 @@ def merge(host: Host, request: MergeRequest, ui_progress: UiProgress | None = No
                                  progress=job_progress(host, ui_progress), notes=notes)
 
         done = host.run_job(f"LoRA merge → {out.name}", job, on_wait=waiting(ui_progress))
-        done.report.notes += host.lora_written(done.path)
+        done.report.notes += host.lora_written(done.path) + _flux_note(host, done.arch, "LoRA")
         chart = None
         if done.report.energy:
             pooled = block_energy(done.report.energy, done.report.target_energy, done.arch)
@@ -190,6 +190,12 @@ def merge(host: Host, request: MergeRequest, ui_progress: UiProgress | None = No
         return Outcome(True, reports.format_merge_report(done.report, done.path, done.arch), path=done.path, chart=chart)
     except Exception as e:  # noqa: BLE001 (every failure becomes a message)
         return Outcome(False, describe_error(e))
+
+
+def _flux_note(host: Host, arch: str, what: str) -> list[str]:
+    if arch == "flux" and host.runs_flux() is False:
+        return [f"a Flux {what}: this WebUI (A1111) cannot generate with Flux; use it in Forge (or ComfyUI)"]
+    return []
 
 
 def bake(host: Host, request: BakeRequest, ui_progress: UiProgress | None = None) -> Outcome:
@@ -224,7 +230,7 @@ def bake(host: Host, request: BakeRequest, ui_progress: UiProgress | None = None
                                 notes=notes, semantics=host.semantics())
 
         done = host.run_job(f"LoRA bake → {out.name}", job, on_wait=waiting(ui_progress))
-        done.report.notes += host.checkpoint_written(done.path)
+        done.report.notes += host.checkpoint_written(done.path) + _flux_note(host, done.report.arch, "checkpoint")
         return Outcome(True, reports.format_bake_report(done.report, done.path), path=done.path)
     except Exception as e:  # noqa: BLE001 (every failure becomes a message)
         return Outcome(False, describe_error(e))
@@ -374,7 +380,8 @@ def inspect(host: Host, label: str | None) -> Outcome:
             ("file", str(path)),
             ("format", f"{s['format']} ({s['algorithm']})"),
             ("architecture", PRETTY.get(s["arch"], s["arch"]) + "".join(f"; {n}" for n in s["arch_notes"])),
-            ("modules", f"{s['modules']} ({s['unet_modules']} UNet, {s['text_encoder_modules']} text encoder); {kinds}"),
+            ("modules", f"{s['modules']} ({s['unet_modules']} {'transformer' if s['arch'] == 'flux' else 'UNet'}, "
+                        f"{s['text_encoder_modules']} text encoder); {kinds}"),
             ("ranks", ", ".join(f"{r} ×{n}" for r, n in s["rank_counts"].items())),
             ("alpha", ", ".join(str(a) for a in s["alphas"])),
             ("dtype", s["dtype"]),
