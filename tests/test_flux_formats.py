@@ -215,3 +215,35 @@ def test_a_split_part_of_the_wrong_height_is_refused_by_name(tmp_path):
               str(tmp_path / "bad.safetensors"))
     with pytest.raises(LoraMergeError, match=r"bad\.safetensors.*double_blocks_0_img_attn_qkv|rows"):
         read_lora(tmp_path / "bad.safetensors")
+
+
+def test_lycoris_modules_on_split_layers_fuse_through_their_exact_factors(tmp_path):
+    gen = torch.Generator().manual_seed(12)
+    w1, w2 = torch.randn(4, 4, generator=gen), torch.randn(H // 4, H // 4, generator=gen)
+    a1, b1 = torch.randn(H, 2, generator=gen), torch.randn(2, H, generator=gen)
+    a2, b2 = torch.randn(H, 2, generator=gen), torch.randn(2, H, generator=gen)
+    path = write_tensors(tmp_path / "lyc.safetensors", {
+        "lycoris_single_transformer_blocks_3_attn_to_q": {"lokr_w1": w1, "lokr_w2": w2},
+        "lycoris_single_transformer_blocks_3_attn_to_v": {"hada_w1_a": a1, "hada_w1_b": b1, "hada_w2_a": a2,
+                                                          "hada_w2_b": b2, "alpha": torch.tensor(1.0)},
+    })
+    lora = read_lora(path)
+    assert lora.arch == "flux" and set(lora.modules) == {"lora_unet_single_blocks_3_linear1"}
+    got = lora.modules["lora_unet_single_blocks_3_linear1"].delta(torch.float64)
+    want = torch.zeros(7 * H, H, dtype=torch.float64)
+    want[:H] = torch.kron(w1.double(), w2.double())
+    want[2 * H:3 * H] = 0.5 * (a1.double() @ b1.double()) * (a2.double() @ b2.double())  # alpha 1 / rank 2
+    assert_same_delta(got, want)
+
+
+def test_dora_on_a_split_layer_is_refused_by_name(tmp_path):
+    gen = torch.Generator().manual_seed(13)
+    path = write_tensors(tmp_path / "dora.safetensors", {
+        "lora_transformer_single_transformer_blocks_0_attn_to_q": {
+            "lora_down.weight": torch.randn(2, H, generator=gen), "lora_up.weight": torch.randn(H, 2, generator=gen),
+            "dora_scale": torch.rand(1, H, generator=gen) + 0.5},
+        "lora_transformer_single_transformer_blocks_0_attn_to_k": {
+            "lora_down.weight": torch.randn(2, H, generator=gen), "lora_up.weight": torch.randn(H, 2, generator=gen)},
+    })
+    with pytest.raises(LoraMergeError, match=r"dora\.safetensors.*DoRA module on a split Flux layer"):
+        read_lora(path)

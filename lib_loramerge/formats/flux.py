@@ -90,7 +90,8 @@ _XLABS = {"qkv_lora1": "img_attn_qkv", "qkv_lora2": "txt_attn_qkv", "proj_lora1"
 
 _RE_DIFFUSERS_BLOCK = re.compile(r"(single_transformer_blocks|transformer_blocks)_(\d+)_(.+)")
 _RE_XLABS = re.compile(r"(double|single)_blocks_(\d+)_processor_(qkv_lora[12]?|proj_lora[12]?)")
-_PREFIXES = ("lora_unet_", "lora_transformer_", "lora_")  # longest first: kohya, diffusers component, bare
+# longest first: kohya, diffusers component, bare; LyCORIS names diffusers-path Flux modules lycoris_…
+_PREFIXES = ("lora_unet_", "lora_transformer_", "lora_", "lycoris_")
 
 
 def _diffusers(path: str) -> Placement | None:
