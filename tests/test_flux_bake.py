@@ -4,7 +4,7 @@ import pytest
 import torch
 from flux_synth import DIVISOR, random_parts, write_peft
 from safetensors.torch import load_file, save_file
-from synth import make_modules, write_kohya
+from synth import assert_same_delta, make_modules, write_kohya
 
 from lib_loramerge.cli import main
 from lib_loramerge.errors import LoraMergeError
@@ -163,3 +163,20 @@ def test_cli_bake_keeps_a_flux_files_dtype_by_default(tmp_path, capsys):
     code = main(["bake", "--checkpoint", str(ckpt), "--models", str(lora), "--out", str(out), "--verify"])
     assert code == 0, capsys.readouterr().err
     assert {t.dtype for t in load_file(str(out)).values()} == {FP8}
+
+
+def test_extract_from_two_flux_checkpoints_recovers_a_baked_lora(tmp_path):
+    from lib_loramerge.bake.extract import ExtractOptions
+    from lib_loramerge.jobs_extract import extract_to_file
+
+    base = write_random_checkpoint(tmp_path / "base.safetensors", "flux", width_divisor=DIVISOR,
+                                   dtype=torch.float32, seed=11)
+    lora = read_lora(write_kohya(tmp_path / "l.safetensors", make_modules(
+        "flux", rank=2, alpha=2.0, seed=12, text_encoder=False, width_divisor=DIVISOR)))
+    tuned = tmp_path / "tuned.safetensors"
+    bake_to_file(base, [MergeInput(lora)], tuned, dtype=None)
+    job = extract_to_file(base, tuned, tmp_path / "x.safetensors", ExtractOptions(rank=2, dtype=torch.float32))
+    got = read_lora(job.path)
+    assert got.arch == "flux" and set(got.modules) == set(lora.modules)  # the blocks, as kohya trains
+    for name, module in lora.modules.items():
+        assert_same_delta(got.modules[name].delta(torch.float64), module.delta(torch.float64), rel=1e-4, label=name)
