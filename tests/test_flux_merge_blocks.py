@@ -24,7 +24,8 @@ F32 = torch.float32
 def flux_file(tmp_path, name, seed, rank=4, text_encoder=True):
     mods = make_modules("flux", scope="all", rank=rank, alpha=rank / 2, seed=seed, text_encoder=text_encoder,
                         width_divisor=DIVISOR)
-    return write_kohya(tmp_path / f"{name}.safetensors", mods, metadata={"ss_base_model_version": "sd_1.5"})
+    return write_kohya(tmp_path / f"{name}.safetensors", mods,
+                       metadata={"ss_base_model_version": "sd_1.5", "ss_v2": "False"})  # as trainers write them
 
 
 # ---------------------------------------------------------------------------------------------
