@@ -370,3 +370,17 @@ def test_verify_passes_on_good_outputs_and_says_so(tmp_path, loras, checkpoint, 
                             "--verify", "--device", "cpu")
     assert code == 0, err
     assert re.search(r"verified: \d+ patched tensors re-read from the file", stdout)
+
+
+def test_replay_from_a_saved_recipe_file(tmp_path, loras, capsys):
+    out = tmp_path / "mix.safetensors"
+    assert run(capsys, "merge", "--models", *loras, "--ratios", "1", "0.3", "--out", out, "--device", "cpu")[0] == 0
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(metadata(out)["lora_merger_recipe"])
+    code, _, err = run(capsys, "replay", recipe)
+    assert code == 2 and "--out" in err  # nothing to compare with: the new file must go somewhere
+    again = tmp_path / "again.safetensors"
+    code, stdout, err = run(capsys, "replay", recipe, "--out", again)
+    assert code == 0, err
+    assert stdout.count("wrote") == 1
+    assert all(torch.equal(t, load_file(str(out))[k]) for k, t in load_file(str(again)).items())
