@@ -61,6 +61,8 @@ class MergeRequest:
     dtype: str = "fp16"
     device: str = "cpu"
     overwrite: bool = False
+    metadata: str = "merge"  # what the output keeps of the inputs' metadata (formats.metadata.MODES)
+    verify: bool = False  # re-read the written file and compare every module with its target
 
 
 @dataclass
@@ -72,6 +74,7 @@ class BakeRequest:
     device: str = "cpu"
     overwrite: bool = False
     allow_unmatched: bool = False
+    verify: bool = False  # re-read the patched tensors and compare them with W + ΔW
 
 
 @dataclass
@@ -178,7 +181,8 @@ def merge(host: Host, request: MergeRequest, ui_progress: UiProgress | None = No
         def job():
             inputs, notes = prepare_inputs(specs, presets)
             return merge_to_file(inputs, options, out, overwrite=request.overwrite,
-                                 progress=job_progress(host, ui_progress), notes=notes)
+                                 progress=job_progress(host, ui_progress), notes=notes,
+                                 metadata_mode=request.metadata, verify=bool(request.verify))
 
         done = host.run_job(f"LoRA merge → {out.name}", job, on_wait=waiting(ui_progress))
         done.report.notes += host.lora_written(done.path) + _flux_note(host, done.arch, "LoRA")
@@ -227,7 +231,7 @@ def bake(host: Host, request: BakeRequest, ui_progress: UiProgress | None = None
             inputs, notes = prepare_inputs(specs, presets)
             return bake_to_file(checkpoint, inputs, out, dtype=dtype, device=device, overwrite=request.overwrite,
                                 allow_unmatched=request.allow_unmatched, progress=job_progress(host, ui_progress),
-                                notes=notes, semantics=host.semantics())
+                                notes=notes, semantics=host.semantics(), verify=bool(request.verify))
 
         done = host.run_job(f"LoRA bake → {out.name}", job, on_wait=waiting(ui_progress))
         done.report.notes += host.checkpoint_written(done.path) + _flux_note(host, done.report.arch, "checkpoint")
@@ -245,6 +249,7 @@ class LiveRequest:
     dtype: str = "fp16"
     overwrite: bool = False
     allow_unmatched: bool = False
+    verify: bool = False  # Save: re-read the patched tensors of the written file
 
 
 def live_status(host: Host) -> str:
@@ -330,7 +335,7 @@ def live_save(host: Host, request: LiveRequest, ui_progress: UiProgress | None =
         def job():  # the file bake (CPU, streaming): exact, no GPU memory, atomic
             return bake_to_file(source, bake.inputs, out, dtype=dtype, device="cpu", overwrite=request.overwrite,
                                 allow_unmatched=True, progress=job_progress(host, ui_progress),
-                                semantics=host.semantics(), source="live bake")
+                                semantics=host.semantics(), source="live bake", verify=bool(request.verify))
 
         done = host.run_job(f"LoRA bake: save → {out.name}", job, on_wait=waiting(ui_progress))
         done.report.notes += host.checkpoint_written(done.path)
