@@ -70,7 +70,8 @@ def _bake(tmp_path, name: str) -> bytes:
     if not ckpt.exists():
         write_random_checkpoint(ckpt, "sd1", width_divisor=8, vae=False, seed=2)
         write_kohya(tmp_path / "l.safetensors", make_modules("sd1", rank=3, seed=4, width_divisor=8))
-    out = tmp_path / name
+    out = tmp_path / name / "baked.safetensors"  # one output name: the recipe's custom_name is the name
+    out.parent.mkdir()
     assert main(["bake", "--checkpoint", str(ckpt), "--models", str(tmp_path / "l.safetensors"),
                  "--out", str(out)]) == 0
     return out.read_bytes()
