@@ -180,3 +180,18 @@ def test_extract_from_two_flux_checkpoints_recovers_a_baked_lora(tmp_path):
     assert got.arch == "flux" and set(got.modules) == set(lora.modules)  # the blocks, as kohya trains
     for name, module in lora.modules.items():
         assert_same_delta(got.modules[name].delta(torch.float64), module.delta(torch.float64), rel=1e-4, label=name)
+
+
+def test_a_delta_made_by_blocks_of_rows_writes_the_same_bytes(tmp_path, monkeypatch):
+    from lib_loramerge.bake import stream
+
+    ckpt = write_random_checkpoint(tmp_path / "flux.safetensors", "flux", width_divisor=DIVISOR, dtype=torch.bfloat16,
+                                   seed=13)
+    inputs = loras(tmp_path)
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "blocks").mkdir()
+    whole = bake_to_file(ckpt, inputs, tmp_path / "whole" / "o.safetensors", dtype=None).path
+    monkeypatch.setattr(stream, "DELTA_BUFFER_BYTES", 1)  # 256 rows at a time: linear1 (672 rows) in three
+    blocks = bake_to_file(ckpt, inputs, tmp_path / "blocks" / "o.safetensors", dtype=None).path
+    a, b = load_file(str(whole)), load_file(str(blocks))
+    assert a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)

@@ -123,13 +123,25 @@ class Scratch:
         return buf[:numel].view(shape)
 
 
+# ΔW buffers beyond this are made a block of rows at a time (Flux's linear1 is 250 MiB in fp32). Each
+# entry is the same rank-long dot product either way; blocks of whole multiples of 256 rows keep the
+# matmul kernels' row tiling, so the bytes are those of one product (checked by the tests)
+DELTA_BUFFER_BYTES = 64 << 20
+_ROW_BLOCK = 256
+
+
 def _add_lora(region: torch.Tensor, module: LoraModule, strength: float, scratch: Scratch) -> None:
     """region += strength · scale · (U @ D), computed as ``module.delta`` computes it, in a reused buffer."""
     up, down = module.factor_matrices(torch.float32, region.device)
-    product = scratch.take("delta", (up.shape[0], down.shape[1]), region.device)
-    torch.mm(up, down, out=product)
-    product.mul_(module.scale)
-    region.view(product.shape).add_(product, alpha=strength)
+    rows, cols = up.shape[0], down.shape[1]
+    step = max(_ROW_BLOCK, DELTA_BUFFER_BYTES // (4 * cols) // _ROW_BLOCK * _ROW_BLOCK)
+    target = region.view(rows, cols)
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        product = scratch.take("delta", (stop - start, cols), region.device)
+        torch.mm(up[start:stop], down, out=product)
+        product.mul_(module.scale)
+        target[start:stop].add_(product, alpha=strength)
 
 
 def patched_tensor(tf: TensorFile, key: str, patches: list[_Patch], device: torch.device,
@@ -221,12 +233,21 @@ def bake(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], out: str |
         # hashes; torch keeps to one thread so none of them waits on a busy core
         try:
             with torch_threads(1 if dev.type == "cpu" else torch.get_num_threads()):
-                written = write_safetensors(out, specs, meta, overwrite=overwrite, finalize=late, prefetch=2,
+                written = write_safetensors(out, specs, meta, overwrite=overwrite, finalize=late,
+                                            prefetch=_prefetch(tf, patches),
                                             progress=progress, before_publish=check if verify else None)
         finally:
             hasher.join()
     report.seconds = time.perf_counter() - started
     return report, written
+
+
+def _prefetch(tf: TensorFile, patches: dict[str, list[_Patch]]) -> int:
+    """Patched tensors made ahead of the writer: two, or one when they are as large as Flux's
+    (``linear1``: 130 MiB in bf16), where each one ahead costs more memory than it saves time."""
+    largest = max((math.prod(tf.infos[k].shape) * torch.empty((), dtype=tf.infos[k].dtype).element_size()
+                   for k in patches), default=0)
+    return 2 if largest <= 64 << 20 else 1
 
 
 # fp8 checkpoints (Flux): 3 and 2 mantissa bits; absent on a torch without float8 types
