@@ -118,6 +118,18 @@ def test_merge_add_and_concat_of_flux_loras_are_exact(tmp_path):
                           label=name)
 
 
+def test_merge_add_runs_on_flux_with_the_seeds_factor_sum(tmp_path):
+    a, b = (read_lora(flux_file(tmp_path, n, seed, text_encoder=False)) for n, seed in (("a", 15), ("b", 16)))
+    result = {m.name: m for m in merge_loras([MergeInput(a, unet=0.6), MergeInput(b, unet=0.3)],
+                                             MergeOptions(mode="add", dtype=F32)).modules}
+    assert set(result) == set(a.modules)
+    name = "lora_unet_single_blocks_20_linear1"
+    ma, mb = a.modules[name], b.modules[name]  # equal alphas: U = Σ sᵢUᵢ, D = Σ |sᵢ|Dᵢ
+    up = 0.6 * ma.up.double() + 0.3 * mb.up.double()
+    down = 0.6 * ma.down.double() + 0.3 * mb.down.double()
+    assert_same_delta(result[name].delta(torch.float64), ma.scale * (up @ down), rel=1e-6)
+
+
 def test_merge_svd_is_the_optimal_truncation(tmp_path):
     a, b = (read_lora(flux_file(tmp_path, n, seed, text_encoder=False)) for n, seed in (("a", 3), ("b", 4)))
     inputs = [MergeInput(a, unet=1.0), MergeInput(b, unet=0.5)]
