@@ -213,8 +213,21 @@ def test_a_split_part_of_the_wrong_height_is_refused_by_name(tmp_path):
                "transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(2, H, generator=gen),
                "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(H, 2, generator=gen)},
               str(tmp_path / "bad.safetensors"))
-    with pytest.raises(LoraMergeError, match=r"bad\.safetensors.*double_blocks_0_img_attn_qkv|rows"):
+    with pytest.raises(LoraMergeError, match=r"bad\.safetensors.*to_q.*97 output rows, but its place in "
+                                             r"lora_unet_double_blocks_0_img_attn_qkv has 96"):
         read_lora(tmp_path / "bad.safetensors")
+
+
+def test_the_cli_reports_a_bad_flux_file_in_one_line(tmp_path, capsys):
+    from lib_loramerge.cli import main
+
+    gen = torch.Generator().manual_seed(14)
+    save_file({"transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight": torch.randn(2, H, generator=gen),
+               "transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight": torch.randn(H, 2, generator=gen)},
+              str(tmp_path / "short.safetensors"))
+    assert main(["info", str(tmp_path / "short.safetensors")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "short.safetensors" in err[0] and "proj_mlp" in err[0] and "linear1" in err[0]
 
 
 def test_lycoris_modules_on_split_layers_fuse_through_their_exact_factors(tmp_path):
