@@ -4,7 +4,8 @@ A job is a table of the command's own options, without the dashes (``models``, `
 ``lbws``, …; ``-`` or ``_`` alike), plus ``command``. ``[defaults]`` apply to every job whose
 command has the option. A ``sweep`` table of lists runs the job once per combination of values
 (their cartesian product), each ``{name}`` in an option replaced by the value — a whole-string
-``"{name}"`` keeps the value's type. Relative paths are relative to the batch file's folder.
+``"{name}"`` keeps the value's type. Relative paths are relative to the batch file's folder; output
+folders are created as needed (and removed again when the job that made them fails).
 
 Each job runs as its command would on the command line (same checks, same atomic writes: a
 failed job leaves nothing), the batch goes on past a failure, and ends with a summary table.
@@ -241,17 +242,20 @@ def run_batch(jobs: Sequence[BatchJob], *, keep_going: bool = True, out: TextIO)
                     bar.refresh()
 
                 printed = io.StringIO()
+                made = _make_output_folder(job.out)
                 try:
                     args = build_parser().parse_args(job.argv)
                     with cli.outer_progress(inner), contextlib.redirect_stdout(printed):
                         args.func(args)
                     outcomes.append(BatchOutcome(job, True, time.perf_counter() - started,
                                                  display_path(job.out) if job.out else "done"))
+                    made = []
                 except LoraMergeError as e:
                     outcomes.append(BatchOutcome(job, False, time.perf_counter() - started, str(e)))
                 except Exception as e:  # a bug in one job must not lose the others' results
                     outcomes.append(BatchOutcome(job, False, time.perf_counter() - started,
                                                  f"internal error ({type(e).__name__}: {e}); please report it"))
+                _remove_empty(made)  # a failed job leaves no folder it made either
                 shown = printed.getvalue().rstrip()
                 if shown:
                     bar.write(f"── job {job.number}: {job.label}\n{shown}", file=out)
@@ -263,6 +267,26 @@ def run_batch(jobs: Sequence[BatchJob], *, keep_going: bool = True, out: TextIO)
         bar.close()
     out.write(format_summary(outcomes, len(jobs)) + "\n")
     return [o for o in outcomes if not o.ok]
+
+
+def _make_output_folder(out: Path | None) -> list[Path]:
+    """Create the folders a job's output goes into (a sweep's ``out/{s}/…``); returns those made, deepest first."""
+    if out is None:
+        return []
+    missing = []
+    folder = Path(out).parent
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for made in reversed(missing):
+        made.mkdir()
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty
 
 
 def format_summary(outcomes: Sequence[BatchOutcome], total: int) -> str:

@@ -151,6 +151,18 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_flux_checkpoint(path: str) -> bool:
+    from .bake.keymap import is_flux_checkpoint
+    from .formats.safetensors_io import read_header
+
+    if not str(path).lower().endswith(".safetensors"):
+        return False
+    try:
+        return is_flux_checkpoint(list(read_header(path).entries))
+    except (LoraMergeError, OSError):
+        return False  # the bake itself reports an unreadable file
+
+
 def _cmd_bake(args: argparse.Namespace) -> int:
     from .blocks.presets import load_presets
     from .formats.tensorfile import check_input_path
@@ -158,7 +170,10 @@ def _cmd_bake(args: argparse.Namespace) -> int:
     from .jobs import bake_to_file, check_output, prepare_inputs
     from .ops.merge import check_device, default_device
 
-    dtype = None if args.dtype.lower() == "keep" else parse_dtype(args.dtype)
+    if args.dtype is None:  # Flux files (bf16 or fp8) keep their dtypes; SD checkpoints become fp16
+        dtype = None if _is_flux_checkpoint(args.checkpoint) else parse_dtype("fp16")
+    else:
+        dtype = None if args.dtype.lower() == "keep" else parse_dtype(args.dtype)
     device = args.device or default_device()
     check_device(device)
     check_input_path(args.checkpoint)
@@ -226,7 +241,7 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--te-ratios", nargs="+", type=float, metavar="S",
                    help="text-encoder strength per model; default: the UNet strength")
     p.add_argument("--lbws", nargs="+", metavar="SPEC",
-                   help="block weights per model, as LBW: a preset name or 12/17/20/26 comma-separated values "
+                   help="block weights per model, as LBW: a preset name or 12/17/20/26 (Flux: 61) comma-separated values "
                         "(R, U, X, X+d, X-d allowed); '-' for none; one value: all")
     p.add_argument("--presets", action="append", metavar="FILE",
                    help="extra LBW preset file (NAME:v1,…,vN per line); overrides presets of the same name")
@@ -299,11 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_merge)
 
-    p = sub.add_parser("bake", help="bake LoRAs into an SD1/SD2/SDXL checkpoint (W' = W + sum of strength x dW)")
-    p.add_argument("--checkpoint", required=True, metavar="FILE", help="LDM-format checkpoint (.safetensors or .ckpt)")
+    p = sub.add_parser("bake", help="bake LoRAs into an SD1/SD2/SDXL or Flux checkpoint (W' = W + sum of strength x dW)")
+    p.add_argument("--checkpoint", required=True, metavar="FILE",
+                   help="LDM-format checkpoint (.safetensors or .ckpt), or a Flux file (BFL single file or all-in-one; "
+                        "bf16/fp16/fp8, not nf4/GGUF)")
     _add_input_args(p)
-    p.add_argument("--dtype", default="fp16",
-                   help="floating-point tensors of the output: fp16 (default), bf16, fp32, or keep (each as it is)")
+    p.add_argument("--dtype", default=None,
+                   help="floating-point tensors of the output: fp16 (default for SD), bf16, fp32, or keep (each as "
+                        "it is; the default for Flux, so an fp8 file stays fp8)")
     p.add_argument("--device", help="where W + dW is computed: cpu or cuda (default: cuda when available)")
     p.add_argument("--out", required=True, help="output .safetensors checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

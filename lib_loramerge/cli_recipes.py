@@ -28,7 +28,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         print(f"  input: {path}")
     for note in result.notes:
         print(f"note: {note}")
-    if result.kept:
+    if result.kept and result.original is not None:  # (a recipe file's summary already says it)
         print(f"wrote {result.path}")
     return 0
 

@@ -103,7 +103,8 @@ def format_summary(s: dict[str, Any]) -> str:
         *([f"algorithms:  {_fmt_counts(s['algorithms'])}"] if len(s["algorithms"]) > 1 else []),
         f"arch:        {PRETTY.get(s['arch'], s['arch'])}",
         *[f"             note: {n}" for n in s["arch_notes"]],
-        f"modules:     {s['modules']} ({s['unet_modules']} UNet, {s['text_encoder_modules']} text encoder); "
+        f"modules:     {s['modules']} ({s['unet_modules']} {'transformer' if s['arch'] == 'flux' else 'UNet'}, "
+        f"{s['text_encoder_modules']} text encoder); "
         f"{_fmt_counts(s['modules_by_kind'])}",
         f"ranks:       {_fmt_counts(s['rank_counts'])}",
         *([f"effective:   {_fmt_counts(s['effective_ranks']['counts'])} (rank of the exact factor form)"]

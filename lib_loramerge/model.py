@@ -26,7 +26,7 @@ CONV1X1 = "conv1x1"
 CONV = "conv"  # k×k convolution (LoCon)
 KINDS = (LINEAR, CONV1X1, CONV)
 
-TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")
+TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")  # te3: Flux's T5-XXL (kohya)
 
 
 def is_text_encoder(name: str) -> bool:

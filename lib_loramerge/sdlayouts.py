@@ -350,11 +350,15 @@ def _layer_shape_table() -> dict[str, dict[str, Shape]]:
         for diffusers_names in (False, True):
             for name, shape in lora_modules(arch, SCOPE_ALL, diffusers_names=diffusers_names).items():
                 table.setdefault(name, {})[arch] = shape
+    from . import fluxlayout  # imports this module
+
+    for name, shape in fluxlayout.module_shapes().items():
+        table.setdefault(name, {})[fluxlayout.FLUX] = shape
     return table
 
 
 def layer_shapes(name: str) -> dict[str, Shape]:
-    """arch → weight shape of the layer a kohya module name (diffusers or LDM/SGM paths) targets there."""
+    """arch → weight shape of the layer a kohya module name (diffusers or LDM/SGM paths; Flux's BFL paths) targets there."""
     return dict(_layer_shape_table().get(name, {}))
 
 

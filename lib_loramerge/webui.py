@@ -98,6 +98,9 @@ class WebUIHost(Host):
     def semantics(self) -> str:
         return "forge" if is_forge() else "a1111"
 
+    def runs_flux(self) -> bool | None:
+        return is_forge()  # A1111 has no Flux pipeline
+
     def lora_written(self, path: Path) -> list[str]:
         """Make the WebUI read a LoRA file that was (re)written, whatever it cached of its old bytes.
 

@@ -50,8 +50,9 @@ def test_metadata_breaks_a_tie_and_is_used_when_shapes_say_nothing():
 
 
 def test_non_sd_transformers_are_unknown_and_say_so():
-    info = detect_arch({"lora_unet_double_blocks_0_img_attn_qkv": (9216, 3072)}, {})
-    assert info.arch == "unknown" and "Flux" in info.notes[0]
+    info = detect_arch({"lora_transformer_joint_blocks_0_x_block_attn_qkv": (4608, 1536)}, {})
+    assert info.arch == "unknown" and "SD3" in info.notes[0]
+    # Flux metadata without Flux layers says nothing about the layers: unknown, naming the key
     info = detect_arch({"lora_foo": (4, 4)}, {"ss_base_model_version": "flux1"})
     assert info.arch == "unknown" and "flux1" in info.notes[0]
 

@@ -70,8 +70,7 @@ def _bake(tmp_path, name: str) -> bytes:
     if not ckpt.exists():
         write_random_checkpoint(ckpt, "sd1", width_divisor=8, vae=False, seed=2)
         write_kohya(tmp_path / "l.safetensors", make_modules("sd1", rank=3, seed=4, width_divisor=8))
-    # one file name in separate folders: the name is recorded (sd_merge_recipe's custom_name), the bytes must match
-    out = tmp_path / name.removesuffix(".safetensors") / "baked.safetensors"
+    out = tmp_path / name / "baked.safetensors"  # one output name: the recipe's custom_name is the name
     out.parent.mkdir()
     assert main(["bake", "--checkpoint", str(ckpt), "--models", str(tmp_path / "l.safetensors"),
                  "--out", str(out)]) == 0

@@ -494,12 +494,12 @@ def test_a_stored_hash_is_not_trusted_for_the_recipe(tmp_path, capsys):
 
 def test_an_unknown_lora_with_foreign_modules_does_not_join_an_sd1_merge(tmp_path, capsys):
     a, _ = lora_pair(tmp_path)
-    flux = tmp_path / "flux.safetensors"
-    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(96, 4),
-               "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(4, 32)}, str(flux))
-    code, _, err = run(capsys, "merge", "--models", a, flux, "--out", tmp_path / "m.safetensors")
+    sd3 = tmp_path / "sd3.safetensors"
+    save_file({"lora_transformer_joint_blocks_0_x_block_attn_qkv.lora_up.weight": torch.randn(96, 4),
+               "lora_transformer_joint_blocks_0_x_block_attn_qkv.lora_down.weight": torch.randn(4, 32)}, str(sd3))
+    code, _, err = run(capsys, "merge", "--models", a, sd3, "--out", tmp_path / "m.safetensors")
     line = one_error_line(err)
-    assert code == 2 and "flux.safetensors" in line and "double_blocks" in line and "SD1" in line
+    assert code == 2 and "sd3.safetensors" in line and "joint_blocks" in line and "SD1" in line
 
 
 def test_an_integer_checkpoint_tensor_is_never_patched(tmp_path, capsys):

@@ -254,3 +254,22 @@ def test_bake_keep_dtype_and_stop(bake_host):
     assert not stopped.ok and stopped.message == "error: interrupted; nothing was written"
     assert not (bake_host.checkpoint_dir() / "stopped.safetensors").exists()
     assert list(bake_host.checkpoint_dir().glob("*.tmp*")) == []
+
+
+def test_merge_metadata_mode_and_verify_from_the_tab(host):
+    outcome = handlers.merge(host, MergeRequest(two_rows(), "checked", mode="svd", rank=2, metadata="none",
+                                                verify=True))
+    assert outcome.ok, outcome.message
+    assert "verified:" in outcome.message and "all within their bounds" in outcome.message
+    meta = read_header(host.lora_output_dir() / "checked.safetensors").metadata
+    assert RECIPE_KEY not in meta and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    bad = handlers.merge(host, MergeRequest(two_rows(), "nope", metadata="everything"))
+    assert not bad.ok and "metadata mode" in bad.message
+    assert not (host.lora_output_dir() / "nope.safetensors").exists()
+
+
+def test_bake_verify_from_the_tab(bake_host):
+    rows = [LoraRow("narrow_a.safetensors", unet=0.7, te=0.4)]
+    outcome = handlers.bake(bake_host, BakeRequest("base_sd1.safetensors", rows, "verified", verify=True))
+    assert outcome.ok, outcome.message
+    assert "patched tensors re-read from the file" in outcome.message

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from .. import sdlayouts
+from .. import fluxlayout, sdlayouts
 from ..errors import LoraMergeError
 from ..formats.safetensors_io import all_finite
 from ..formats.tensorfile import SAFETENSORS_SUFFIXES, TensorFile, open_tensor_file
-from ..model import CONV, LoraModule, kind_of
+from ..model import CONV, LoraModule, is_text_encoder, kind_of
 from ..ops.lowrank import split_factors
 from ..ops.merge import MAX_WORKERS, check_device, parallel_map, shaped_module
 from ..ops.policies import RANK, SV_RATIO, THRESHOLD, RankPolicy
@@ -163,6 +163,14 @@ class _Layer:
     modules: list[tuple[str, Target]]
 
 
+def module_names(arch: str, options: ExtractOptions) -> list[str]:
+    """The modules an extraction writes, in kohya's order (Flux: the double and single blocks, as kohya trains)."""
+    if arch == fluxlayout.FLUX:
+        encoders = ("clip", "t5") if options.text_encoder else ()
+        return list(fluxlayout.lora_modules(text_encoders=encoders, only_blocks=True))
+    return list(sdlayouts.lora_modules(arch, options.scope, options.text_encoder))
+
+
 def _layout(tf: TensorFile) -> CheckpointLayout:
     try:
         return CheckpointLayout({k: i.shape for k, i in tf.infos.items()},
@@ -179,7 +187,9 @@ def plan_layers(base: TensorFile, tuned: TensorFile, options: ExtractOptions) ->
                              f"{base_layout.arch.upper()} one; extract needs two checkpoints of the same model", tuned.path)
     arch = base_layout.arch
     layers: dict[str, _Layer] = {}
-    for name in sdlayouts.lora_modules(arch, options.scope, options.text_encoder):
+    for name in module_names(arch, options):
+        if arch == fluxlayout.FLUX and is_text_encoder(name) and base_layout.target(name) is None:
+            continue  # a BFL single file holds the transformer only
         found = {}
         for tf, layout in ((base, base_layout), (tuned, tuned_layout)):
             target = layout.target(name)
@@ -335,7 +345,7 @@ def extract_lora(base_path: str | os.PathLike, tuned_path: str | os.PathLike, op
                     done += 1
                     if progress:
                         progress(done, total, name)
-    order = {name: i for i, name in enumerate(sdlayouts.lora_modules(arch, options.scope, options.text_encoder))}
+    order = {name: i for i, name in enumerate(module_names(arch, options))}
     modules = sorted(results.values(), key=lambda m: order[m.name])
     report.quality = {m.name: report.quality[m.name] for m in modules}
     for m in modules:

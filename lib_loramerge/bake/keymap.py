@@ -1,10 +1,12 @@
-"""Where each LoRA module lands in an LDM-format checkpoint, built from the checkpoint's own keys.
+"""Where each LoRA module lands in an LDM-format (or Flux) checkpoint, built from the checkpoint's own keys.
 
 kohya names lost the dots of the module paths, so we index the checkpoint the other way round:
 every ``….weight`` key, minus its component prefix, with dots turned into underscores. UNet
 modules in either naming (diffusers or LDM paths) are converted to LDM paths first. The
 OpenCLIP text encoders (SD2, SDXL's second) fuse q/k/v into one ``attn.in_proj_weight``: those
-modules land on a third of its rows, as A1111 applies them.
+modules land on a third of its rows, as A1111 applies them. Flux modules (kohya BFL names) land
+on the BFL keys, bare in a BFL single file or under ``model.diffusion_model.`` in an all-in-one
+file (with CLIP-L and T5 under ``text_encoders.``); quantised (nf4) Flux files are refused.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .. import naming
+from .. import fluxlayout, naming
 from ..errors import LoraMergeError
 
 UNET = "model.diffusion_model."
@@ -29,11 +31,33 @@ _ENCODERS = {
     "sdxl": (("lora_te1_", "conditioner.embedders.0.transformer.", "clip"),
              ("lora_te2_", "conditioner.embedders.1.model.", "openclip"),
              ("lora_te2_", "conditioner.embedders.1.transformer.", "clip")),
+    # Flux all-in-one files (ComfyUI / Forge); the BFL single file holds the transformer alone
+    "flux": (("lora_te1_", fluxlayout.CKPT_CLIP_PREFIX, "clip"), ("lora_te3_", fluxlayout.CKPT_T5_PREFIX, "t5")),
 }
+_FLUX_KEYS = tuple(f"{prefix}{root}." for prefix in ("", UNET) for root in ("double_blocks", "single_blocks"))
+# markers of quantised weights (bitsandbytes nf4/fp4 as Forge and ComfyUI store them)
+_QUANTISED = (".absmax", ".quant_map", ".quant_state", "bitsandbytes__", ".nested_absmax")
+
+
+def quantised_reason(keys: list[str], non_float: set[str] | frozenset[str] = frozenset()) -> str | None:
+    """Why a checkpoint's weights cannot be baked (quantised: nf4/fp4 blocks), or None."""
+    marker = next((k for k in keys if any(q in k for q in _QUANTISED)), None)
+    packed = next((k for k in non_float if k.endswith(".weight") and k.startswith(_FLUX_KEYS)), None)
+    if marker is None and packed is None:
+        return None
+    return (f"a quantised checkpoint (bitsandbytes nf4/fp4 weights, e.g. '{marker or packed}'): its weights cannot "
+            "take W + ΔW exactly; bake into the bf16, fp16 or fp8 (float8_e4m3fn) file instead")
+
+
+def is_flux_checkpoint(keys: list[str]) -> bool:
+    """BFL transformer keys, bare (BFL single file) or under ``model.diffusion_model.`` (all-in-one)."""
+    return any(k.startswith(_FLUX_KEYS) for k in keys)
 
 
 def checkpoint_arch(keys: list[str]) -> str:
-    """sd1 / sd2 / sdxl from the checkpoint's keys (A1111's own tests), or a LoraMergeError."""
+    """sd1 / sd2 / sdxl / flux from the checkpoint's keys (A1111's own tests), or a LoraMergeError."""
+    if is_flux_checkpoint(keys):
+        return "flux"
     if not any(k.startswith(UNET) for k in keys):
         raise LoraMergeError("not an LDM-format Stable Diffusion checkpoint (no model.diffusion_model.* keys)")
     if any(k.startswith(("conditioner.embedders.1.model.", "conditioner.embedders.1.transformer.")) for k in keys):
@@ -73,12 +97,16 @@ class CheckpointLayout:
         self.non_float = non_float  # integer / bool tensors: never patched
         # a loaded model says what it is (an SD2 TE in the HF layout looks like SD1's by its keys)
         self.arch = arch or checkpoint_arch(list(shapes))
-        self._unet = self._index(UNET)
-        self._clip: dict[str, dict[str, str]] = {}
+        if self.arch == "flux" and (why := quantised_reason(list(shapes), non_float)):
+            raise LoraMergeError(why)
+        # a BFL single file has bare transformer keys
+        prefixed = self.arch != "flux" or any(k.startswith(UNET) for k in shapes)
+        self._unet = self._index(UNET if prefixed else "")
+        self._clip: dict[str, dict[str, str]] = {}  # HF-layout encoders (CLIP, T5): kohya name → key
         self._encoders = [e for e in _ENCODERS[self.arch] if any(k.startswith(e[1]) for k in shapes)]
         for lora_prefix, ckpt_prefix, kind in self._encoders:
-            if kind == "clip":
-                self._clip[lora_prefix] = self._index(ckpt_prefix, text_model=True)
+            if kind in ("clip", "t5"):
+                self._clip[lora_prefix] = self._index(ckpt_prefix, text_model=kind == "clip")
 
     def _index(self, prefix: str, text_model: bool = False) -> dict[str, str]:
         index = {}
@@ -101,7 +129,7 @@ class CheckpointLayout:
             if not module.startswith(lora_prefix):
                 continue
             rest = module[len(lora_prefix):]
-            if kind == "clip":
+            if kind in ("clip", "t5"):
                 return self._target(self._clip[lora_prefix].get(rest))
             m = _OPENCLIP_LAYER.fullmatch(rest)
             if m is None:
@@ -115,6 +143,9 @@ class CheckpointLayout:
                 start = "qkv".index(m[3]) * width
                 return self._target(key, (start, start + width))
             return self._target(block + _OPENCLIP_PARTS[m[2]])
+        if self.arch == "flux":
+            path = fluxlayout.transformer_path(module)
+            return self._target(self._unet.get(path)) if path else None
         path = naming.ldm_unet_path(module, sdxl=self.arch == "sdxl")
         return self._target(self._unet.get(path)) if path else None
 

@@ -1,4 +1,4 @@
-"""Bake LoRAs into a checkpoint, tensor by tensor: W′ = W + Σᵢ ΔWᵢ in fp32, then cast.
+"""Bake LoRAs into a checkpoint, tensor by tensor: W′ = W + Σᵢ ΔWᵢ in fp32, then cast (fp8 Flux files too).
 
 The checkpoint is read and the output written one tensor at a time (a safetensors file is a
 header plus raw bytes), so peak memory is about one tensor plus the LoRAs' current module, not
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..blocks.layouts import IDS_26
+from ..blocks.layouts import ALL_IDS
 from ..blocks.mapping import block_of
 from ..errors import LoraMergeError
 from ..formats.hashing import BackgroundHashes
@@ -90,7 +90,7 @@ def plan_patches(layout: CheckpointLayout, inputs: Sequence[MergeInput], report:
             report.by_block[block] = report.by_block.get(block, 0) + 1
             report.modules_baked += 1
     report.keys_patched = len(patches)
-    order = {b: i for i, b in enumerate([*IDS_26, "-"])}
+    order = {b: i for i, b in enumerate([*ALL_IDS, "-"])}
     report.by_block = dict(sorted(report.by_block.items(), key=lambda kv: order[kv[0]]))
     return patches
 
@@ -123,13 +123,25 @@ class Scratch:
         return buf[:numel].view(shape)
 
 
+# ΔW buffers beyond this are made a block of rows at a time (Flux's linear1 is 250 MiB in fp32). Each
+# entry is the same rank-long dot product either way; blocks of whole multiples of 256 rows keep the
+# matmul kernels' row tiling, so the bytes are those of one product (checked by the tests)
+DELTA_BUFFER_BYTES = 64 << 20
+_ROW_BLOCK = 256
+
+
 def _add_lora(region: torch.Tensor, module: LoraModule, strength: float, scratch: Scratch) -> None:
     """region += strength · scale · (U @ D), computed as ``module.delta`` computes it, in a reused buffer."""
     up, down = module.factor_matrices(torch.float32, region.device)
-    product = scratch.take("delta", (up.shape[0], down.shape[1]), region.device)
-    torch.mm(up, down, out=product)
-    product.mul_(module.scale)
-    region.view(product.shape).add_(product, alpha=strength)
+    rows, cols = up.shape[0], down.shape[1]
+    step = max(_ROW_BLOCK, DELTA_BUFFER_BYTES // (4 * cols) // _ROW_BLOCK * _ROW_BLOCK)
+    target = region.view(rows, cols)
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        product = scratch.take("delta", (stop - start, cols), region.device)
+        torch.mm(up[start:stop], down, out=product)
+        product.mul_(module.scale)
+        target[start:stop].add_(product, alpha=strength)
 
 
 def patched_tensor(tf: TensorFile, key: str, patches: list[_Patch], device: torch.device,
@@ -186,6 +198,9 @@ def bake(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], out: str |
     dev = check_device(device)
     if not inputs:
         raise LoraMergeError("nothing to bake: no LoRAs given")
+    if os.fspath(checkpoint).lower().endswith(".gguf"):
+        raise LoraMergeError("a GGUF checkpoint is quantised: its weights cannot take W + ΔW exactly; bake into "
+                             "the bf16, fp16 or fp8 (float8_e4m3fn) .safetensors file instead", checkpoint)
     with open_tensor_file(checkpoint) as tf:
         try:
             layout = CheckpointLayout({k: i.shape for k, i in tf.infos.items()},
@@ -218,7 +233,8 @@ def bake(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], out: str |
         # hashes; torch keeps to one thread so none of them waits on a busy core
         try:
             with torch_threads(1 if dev.type == "cpu" else torch.get_num_threads()):
-                written = write_safetensors(out, specs, meta, overwrite=overwrite, finalize=late, prefetch=2,
+                written = write_safetensors(out, specs, meta, overwrite=overwrite, finalize=late,
+                                            prefetch=_prefetch(tf, patches),
                                             progress=progress, before_publish=check if verify else None)
         finally:
             hasher.join()
@@ -226,6 +242,17 @@ def bake(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], out: str |
     return report, written
 
 
+def _prefetch(tf: TensorFile, patches: dict[str, list[_Patch]]) -> int:
+    """Patched tensors made ahead of the writer: two, or one when they are as large as Flux's
+    (``linear1``: 130 MiB in bf16), where each one ahead costs more memory than it saves time."""
+    largest = max((math.prod(tf.infos[k].shape) * torch.empty((), dtype=tf.infos[k].dtype).element_size()
+                   for k in patches), default=0)
+    return 2 if largest <= 64 << 20 else 1
+
+
+# fp8 checkpoints (Flux): 3 and 2 mantissa bits; absent on a torch without float8 types
+_FP8_ROUNDOFF = {getattr(torch, name): u for name, u in (("float8_e4m3fn", 2.0**-4), ("float8_e5m2", 2.0**-3))
+                 if hasattr(torch, name)}
 # float32 arithmetic: a different summation order moves W + ΔW by a few ulps of W
 _FP32_SLACK = 4 * 2.0**-24
 
@@ -254,7 +281,7 @@ def check_patched(written: str | os.PathLike, tf: TensorFile, patches: dict[str,
             got = out.get(key).to(device=device, dtype=torch.float32)
             gap = float((got - target).norm())
             out_dtype = out.infos[key].dtype
-            u = UNIT_ROUNDOFF.get(out_dtype, 2.0**-11)
+            u = UNIT_ROUNDOFF.get(out_dtype) or _FP8_ROUNDOFF.get(out_dtype, 2.0**-11)
             allowed = (u + _FP32_SLACK) * float(target.norm()) + 2.0**-24 * math.sqrt(target.numel())
             if delta > 0:
                 result.errors[key] = gap / delta

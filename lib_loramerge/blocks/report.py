@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import LoraModel, NetworkModule
-from .layouts import FULL_LAYOUT, IDS_26
+from .layouts import ALL_IDS, FULL_LAYOUT
 from .mapping import block_of
 
 
@@ -42,8 +42,8 @@ def block_norms(lora: LoraModel) -> BlockReport | None:
     layout = FULL_LAYOUT.get(lora.arch)
     if layout is None:
         return None
-    squares = dict.fromkeys(IDS_26, 0.0)
-    counts = dict.fromkeys(IDS_26, 0)
+    squares = dict.fromkeys(ALL_IDS, 0.0)
+    counts = dict.fromkeys(ALL_IDS, 0)
     no_block, dora = [], []
     for name, module in lora.modules.items():
         block = block_of(name, lora.arch)
@@ -81,9 +81,9 @@ def block_energy(energy: dict[str, float], target_energy: dict[str, float], arch
     layout = FULL_LAYOUT.get(arch)
     if layout is None:
         return None
-    kept = dict.fromkeys(IDS_26, 0.0)
-    total = dict.fromkeys(IDS_26, 0.0)
-    counts = dict.fromkeys(IDS_26, 0)
+    kept = dict.fromkeys(ALL_IDS, 0.0)
+    total = dict.fromkeys(ALL_IDS, 0.0)
+    counts = dict.fromkeys(ALL_IDS, 0)
     for name, fraction in energy.items():
         block = block_of(name, arch)
         if block is None:

@@ -18,13 +18,14 @@ from .base import ALPHA, DOWN, UP, KeyMatch
 _PEFT = re.compile(r"(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight")
 _DIFFUSERS = re.compile(r"(?P<path>.+)\.lora(?:_linear_layer)?\.(?P<ud>up|down)\.weight")
 _ATTNPROC = re.compile(r"(?P<path>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<ud>up|down)\.weight")
-_ALPHA = re.compile(r"(?P<path>.+\..+)\.alpha")
+_ALPHA = re.compile(r"(?P<path>.+\..+|img_in|txt_in)\.alpha")  # (Flux's one-word top-level layers, bare BFL keys)
 
 _UNET_ROOTS = ("down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "conv_norm_out",
                "time_embedding", "add_embedding")
 # component prefix → kohya prefix (text encoders are renamed te1/te2 once the file is known to be SDXL)
 _COMPONENTS = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_",
-               "transformer": "lora_transformer_", "prior": "lora_prior_unet_"}
+               "transformer": "lora_transformer_", "prior": "lora_prior_unet_",
+               "diffusion_model": "lora_unet_"}  # BFL-named Flux LoRAs (diffusion_model.double_blocks.…)
 
 
 def kohya_name(path: str) -> str:

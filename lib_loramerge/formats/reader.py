@@ -13,13 +13,15 @@ from ..arch import SDXL, detect_arch
 from ..errors import LoraMergeError
 from ..lycoris import DORA_SCALE, PARTS, DoraModule, algorithm_label, is_lycoris, make_module
 from ..model import LoraModel, LoraModule, NetworkModule, validate_module
+from . import flux
 from .base import ALPHA, DOWN, MID, UP, FormatAdapter, KeyMatch
 from .diffusers import DiffusersAdapter
 from .kohya import KohyaAdapter
 from .tensorfile import TensorFile, open_tensor_file
 from .unsupported import not_a_lora_reason, unsupported_format_reason
+from .xlabs import XLabsAdapter
 
-ADAPTERS: tuple[FormatAdapter, ...] = (KohyaAdapter(), DiffusersAdapter())
+ADAPTERS: tuple[FormatAdapter, ...] = (KohyaAdapter(), XLabsAdapter(), DiffusersAdapter())
 # the largest real LoRAs (full-layer LyCORIS on SDXL, every Flux layer with both text encoders)
 # have a few thousand modules; far more is a file built to make every job slow
 MAX_MODULES = 20_000
@@ -67,6 +69,8 @@ def _read(tf: TensorFile, lazy: bool) -> LoraModel:
             alpha_only.append(name)
             continue
         modules[name] = _module(tf, name, parts, lazy)
+    if flux.looks_like_flux({n: m.weight_shape for n, m in modules.items()}):
+        modules = flux.canonical_modules(modules, tf.path, notes)
     if alpha_only:
         notes.append(f"{len(alpha_only)} alpha values without factors ignored (e.g. '{alpha_only[0]}')")
     variants = Counter(m.variant for m in matches.values() if m.variant)
@@ -185,7 +189,7 @@ def _loader(tf: TensorFile, parts: dict[str, str]):
 def _adapter_of(m: KeyMatch) -> str | None:
     if m.part == ALPHA:
         return None
-    return "kohya" if m.variant == "kohya" else "diffusers/PEFT"
+    return m.variant if m.variant in ("kohya", "xlabs") else "diffusers/PEFT"
 
 
 def _match_keys(keys: list[str]) -> tuple[dict[str, KeyMatch], list[str]]:

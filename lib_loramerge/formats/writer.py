@@ -130,6 +130,8 @@ def save_lora(modules: Iterable[LoraModule], path: str | os.PathLike, *, dtype: 
 def _file_metadata(modules: list[LoraModule], arch: str, path: Path, metadata: Mapping[str, str] | None,
                    facts: Mapping[str, str] | None, date: str | None, minimal: bool) -> dict[str, str]:
     meta = dict(metadata or {})
+    if arch == "flux":
+        meta.pop("ss_v2", None)  # an SD key a Flux trainer's inputs may carry (with ss_base_model_version=sd_1.5)
     meta.update(lora_metadata(modules, arch, path.stem, facts=facts, date=date, minimal=minimal))
     return meta
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
+from ..formats.metadata import MODES as METADATA_MODES
 from ..ops.methods import METHODS
 from . import handlers
 from .handlers import NO_BLOCK_WEIGHTS, BakeRequest, ChartRows, LoraRow, MergeRequest
@@ -196,10 +197,11 @@ def build_tab(host: Host) -> gr.Blocks:
                 all_lora_dropdowns.append(panels_methods.analyze_panel(host, lora_choices))
 
         def run_merge(progress=gr.Progress(), *values):  # noqa: B008 (gradio finds its bar by this default)
-            *row_values, mode, rank, threshold, dtype, device, output, overwrite, method, t, density = values
+            *row_values, mode, rank, threshold, dtype, device, output, overwrite, metadata, verify, method, t, density = \
+                values
             request = MergeRequest(rows=LoraRows.parse(row_values), output=output, mode=mode, rank=rank,
                                    threshold=threshold, dtype=dtype, device=device, overwrite=bool(overwrite),
-                                   method=method, t=t, density=density)
+                                   metadata=metadata, verify=bool(verify), method=method, t=t, density=density)
             outcome = handlers.merge(host, request, _progress_bridge(progress, "merging", "modules"))
             return outcome.message, ENERGY_CHART.update(outcome.chart)
 
@@ -213,9 +215,10 @@ def build_tab(host: Host) -> gr.Blocks:
         m.stop.click(host.interrupt, inputs=[], outputs=[], queue=False)
 
         def run_bake(progress=gr.Progress(), *values):  # noqa: B008 (gradio finds its bar by this default)
-            checkpoint, *row_values, dtype, device, output, overwrite, allow_unmatched = values
+            checkpoint, *row_values, dtype, device, output, overwrite, allow_unmatched, verify = values
             request = BakeRequest(checkpoint=checkpoint, rows=LoraRows.parse(row_values), output=output, dtype=dtype,
-                                  device=device, overwrite=bool(overwrite), allow_unmatched=bool(allow_unmatched))
+                                  device=device, overwrite=bool(overwrite), allow_unmatched=bool(allow_unmatched),
+                                  verify=bool(verify))
             return handlers.bake(host, request, _progress_bridge(progress, "baking", "tensors")).message
 
         b.bake.click(run_bake, inputs=[b.checkpoint, *b.rows.inputs, *b.settings], outputs=[b.result]).then(
@@ -252,9 +255,10 @@ def _wire_live(host: Host, b: BakePanel) -> None:
                     queue=False)
 
     def request(values: list) -> handlers.LiveRequest:
-        *row_values, dtype, _device, output, overwrite, allow_unmatched = values
+        *row_values, dtype, _device, output, overwrite, allow_unmatched, verify = values
         return handlers.LiveRequest(rows=LoraRows.parse(row_values), output=output, dtype=dtype,
-                                    overwrite=bool(overwrite), allow_unmatched=bool(allow_unmatched))
+                                    overwrite=bool(overwrite), allow_unmatched=bool(allow_unmatched),
+                                    verify=bool(verify))
 
     def run_apply(progress=gr.Progress(), *values):  # noqa: B008
         return handlers.live_apply(host, request(list(values)), _progress_bridge(progress, "baking", "weights")).message
@@ -291,6 +295,20 @@ class MergePanel:
     chart: gr.BarPlot
 
 
+METADATA_HELP = ("merge: keep what the inputs agree on, sum tag counts, join trigger words · first: the first "
+                 "input's · new: only this tool's · none: the minimum a loader needs")
+
+
+def output_checks(p: str) -> tuple[gr.Dropdown, gr.Checkbox]:
+    """The metadata mode and the verify box of a panel writing a LoRA (merge, resize)."""
+    with gr.Row():
+        metadata = gr.Dropdown(list(METADATA_MODES), value="merge", label="Metadata", info=METADATA_HELP,
+                               elem_id=f"{p}_metadata", scale=3)
+        verify = gr.Checkbox(value=False, label="Verify (re-read the file and compare every module with its target)",
+                             elem_id=f"{p}_verify", scale=1)
+    return metadata, verify
+
+
 def _merge_panel(host: Host, lora_choices: list[str], preset_choices: list[str], device_choices: list[str]) -> MergePanel:
     p = f"{ELEM}_merge"
     gr.Markdown(f"Merge LoRAs into one file in **{host.lora_output_dir()}**. A strength means what "
@@ -316,14 +334,15 @@ def _merge_panel(host: Host, lora_choices: list[str], preset_choices: list[str],
         output = gr.Textbox(label="Output file name (saved in the LoRA folder)", placeholder="merged.safetensors",
                             elem_id=f"{p}_output", scale=3)
         overwrite = gr.Checkbox(value=False, label="Overwrite", elem_id=f"{p}_overwrite", scale=1)
+    metadata, verify = output_checks(p)
     with gr.Row():
         merge = gr.Button("Merge", variant="primary", elem_id=f"{p}_button", scale=4)
         stop = gr.Button("Stop", elem_id=f"{p}_stop", scale=1)
     result = gr.Textbox(label="Result", lines=10, max_lines=30, interactive=False, elem_id=f"{p}_result")
     chart = ENERGY_CHART.component(f"{p}_chart")
 
-    return MergePanel(rows, [mode, rank, threshold, dtype, device, output, overwrite, method, t, density], merge, stop,
-                      result, chart)
+    return MergePanel(rows, [mode, rank, threshold, dtype, device, output, overwrite, metadata, verify, method, t,
+                             density], merge, stop, result, chart)
 
 
 def _prompt_filler(host: Host, rows: LoraRows, p: str) -> None:
@@ -392,6 +411,7 @@ def _bake_panel(host: Host, lora_choices: list[str], preset_choices: list[str], 
             overwrite = gr.Checkbox(value=False, label="Overwrite", elem_id=f"{p}_overwrite")
             allow_unmatched = gr.Checkbox(value=False, label="Bake even if some modules match no layer",
                                           elem_id=f"{p}_allow_unmatched")
+            verify = gr.Checkbox(value=False, label="Verify (re-read the patched tensors)", elem_id=f"{p}_verify")
     with gr.Row(visible=not live_default) as file_buttons:
         bake = gr.Button("Bake", variant="primary", elem_id=f"{p}_button", scale=4, interactive=folder is not None)
         stop = gr.Button("Stop", elem_id=f"{p}_stop", scale=1)
@@ -404,7 +424,7 @@ def _bake_panel(host: Host, lora_choices: list[str], preset_choices: list[str], 
                             gr.Button("Stop", elem_id=f"{p}_live_stop", scale=1)]
     status = gr.Markdown(handlers.live_status(host), elem_id=f"{p}_live_status", visible=host.supports_live_bake)
     result = gr.Textbox(label="Result", lines=10, max_lines=30, interactive=False, elem_id=f"{p}_result")
-    return BakePanel(checkpoint, rows, [dtype, device, output, overwrite, allow_unmatched], bake, stop, result,
+    return BakePanel(checkpoint, rows, [dtype, device, output, overwrite, allow_unmatched, verify], bake, stop, result,
                      target, checkpoint_row, file_buttons, live_row, live_buttons, status)
 
 

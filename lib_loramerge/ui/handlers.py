@@ -61,6 +61,8 @@ class MergeRequest:
     dtype: str = "fp16"
     device: str = "cpu"
     overwrite: bool = False
+    metadata: str = "merge"  # what the output keeps of the inputs' metadata (formats.metadata.MODES)
+    verify: bool = False  # re-read the written file and compare every module with its target
     method: str = "sum"  # ops.methods.METHODS
     t: float = 0.5  # slerp
     density: float | None = None  # ties/dare; None or 0: the method's default
@@ -75,6 +77,7 @@ class BakeRequest:
     device: str = "cpu"
     overwrite: bool = False
     allow_unmatched: bool = False
+    verify: bool = False  # re-read the patched tensors and compare them with W + ΔW
 
 
 @dataclass
@@ -187,10 +190,11 @@ def merge(host: Host, request: MergeRequest, ui_progress: UiProgress | None = No
         def job():
             inputs, notes = prepare_inputs(specs, presets)
             return merge_to_file(inputs, options, out, overwrite=request.overwrite,
-                                 progress=job_progress(host, ui_progress), notes=notes)
+                                 progress=job_progress(host, ui_progress), notes=notes,
+                                 metadata_mode=request.metadata, verify=bool(request.verify))
 
         done = host.run_job(f"LoRA merge → {out.name}", job, on_wait=waiting(ui_progress))
-        done.report.notes += host.lora_written(done.path)
+        done.report.notes += host.lora_written(done.path) + _flux_note(host, done.arch, "LoRA")
         chart = None
         if done.report.energy:
             pooled = block_energy(done.report.energy, done.report.target_energy, done.arch)
@@ -199,6 +203,12 @@ def merge(host: Host, request: MergeRequest, ui_progress: UiProgress | None = No
         return Outcome(True, reports.format_merge_report(done.report, done.path, done.arch), path=done.path, chart=chart)
     except Exception as e:  # noqa: BLE001 (every failure becomes a message)
         return Outcome(False, describe_error(e))
+
+
+def _flux_note(host: Host, arch: str, what: str) -> list[str]:
+    if arch == "flux" and host.runs_flux() is False:
+        return [f"a Flux {what}: this WebUI (A1111) cannot generate with Flux; use it in Forge (or ComfyUI)"]
+    return []
 
 
 def bake(host: Host, request: BakeRequest, ui_progress: UiProgress | None = None) -> Outcome:
@@ -230,10 +240,10 @@ def bake(host: Host, request: BakeRequest, ui_progress: UiProgress | None = None
             inputs, notes = prepare_inputs(specs, presets)
             return bake_to_file(checkpoint, inputs, out, dtype=dtype, device=device, overwrite=request.overwrite,
                                 allow_unmatched=request.allow_unmatched, progress=job_progress(host, ui_progress),
-                                notes=notes, semantics=host.semantics())
+                                notes=notes, semantics=host.semantics(), verify=bool(request.verify))
 
         done = host.run_job(f"LoRA bake → {out.name}", job, on_wait=waiting(ui_progress))
-        done.report.notes += host.checkpoint_written(done.path)
+        done.report.notes += host.checkpoint_written(done.path) + _flux_note(host, done.report.arch, "checkpoint")
         return Outcome(True, reports.format_bake_report(done.report, done.path), path=done.path)
     except Exception as e:  # noqa: BLE001 (every failure becomes a message)
         return Outcome(False, describe_error(e))
@@ -248,6 +258,7 @@ class LiveRequest:
     dtype: str = "fp16"
     overwrite: bool = False
     allow_unmatched: bool = False
+    verify: bool = False  # Save: re-read the patched tensors of the written file
 
 
 def live_status(host: Host) -> str:
@@ -333,7 +344,7 @@ def live_save(host: Host, request: LiveRequest, ui_progress: UiProgress | None =
         def job():  # the file bake (CPU, streaming): exact, no GPU memory, atomic
             return bake_to_file(source, bake.inputs, out, dtype=dtype, device="cpu", overwrite=request.overwrite,
                                 allow_unmatched=True, progress=job_progress(host, ui_progress),
-                                semantics=host.semantics(), source="live bake")
+                                semantics=host.semantics(), source="live bake", verify=bool(request.verify))
 
         done = host.run_job(f"LoRA bake: save → {out.name}", job, on_wait=waiting(ui_progress))
         done.report.notes += host.checkpoint_written(done.path)
@@ -383,7 +394,8 @@ def inspect(host: Host, label: str | None) -> Outcome:
             ("file", str(path)),
             ("format", f"{s['format']} ({s['algorithm']})"),
             ("architecture", PRETTY.get(s["arch"], s["arch"]) + "".join(f"; {n}" for n in s["arch_notes"])),
-            ("modules", f"{s['modules']} ({s['unet_modules']} UNet, {s['text_encoder_modules']} text encoder); {kinds}"),
+            ("modules", f"{s['modules']} ({s['unet_modules']} {'transformer' if s['arch'] == 'flux' else 'UNet'}, "
+                        f"{s['text_encoder_modules']} text encoder); {kinds}"),
             ("ranks", ", ".join(f"{r} ×{n}" for r, n in s["rank_counts"].items())),
             ("alpha", ", ".join(str(a) for a in s["alphas"])),
             ("dtype", s["dtype"]),

@@ -56,6 +56,8 @@ class ResizeRequest:
     dtype: str = SOURCE_DTYPE  # or fp16 / bf16 / fp32
     device: str = "cpu"
     overwrite: bool = False
+    metadata: str = "merge"  # what the output keeps of the source's metadata (formats.metadata.MODES)
+    verify: bool = False  # re-read the written file and compare every module with its target
 
 
 def _block_chart(energy: dict[str, float], target_energy: dict[str, float], arch: str) -> ChartRows | None:
@@ -138,7 +140,8 @@ def resize(host: Host, request: ResizeRequest, ui_progress: UiProgress | None = 
         def job():
             return resize_to_file(source, out, policy, size_mib=value if policy is None else None, cap=cap,
                                   device=device, dtype=dtype, overwrite=request.overwrite,
-                                  progress=job_progress(host, ui_progress))
+                                  progress=job_progress(host, ui_progress), metadata_mode=request.metadata,
+                                  verify=bool(request.verify))
 
         done = host.run_job(f"LoRA resize → {out.name}", job, on_wait=waiting(ui_progress))
         done.report.notes += host.lora_written(done.path)

@@ -99,6 +99,10 @@ class Host:
         """Whose DoRA rule a bake follows: the WebUI that will use the result ("a1111" or "forge")."""
         return "a1111"
 
+    def runs_flux(self) -> bool | None:
+        """Whether this WebUI can generate with Flux (None: not a WebUI, so no telling)."""
+        return None
+
     # -- after a job ----------------------------------------------------------------------------
     def refresh_loras(self) -> None:
         """Make the host see LoRA files that appeared since it last looked."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from . import handlers_extract
-from .app import DTYPES, ELEM, ENERGY_CHART, _progress_bridge, _refresh_button
+from .app import DTYPES, ELEM, ENERGY_CHART, _progress_bridge, _refresh_button, output_checks
 from .handlers_extract import RESIZE_POLICIES, SOURCE_DTYPE, ExtractRequest, ResizeRequest
 from .host import Host
 
@@ -98,12 +98,14 @@ def resize_panel(host: Host, lora_choices: list[str], device_choices: list[str])
         output = gr.Textbox(label="Output file name (saved in the LoRA folder)", placeholder="resized.safetensors",
                             elem_id=f"{p}_output", scale=3)
         overwrite = gr.Checkbox(value=False, label="Overwrite", elem_id=f"{p}_overwrite", scale=1)
+    metadata, verify = output_checks(p)
     with gr.Row():
         button = gr.Button("Resize", variant="primary", elem_id=f"{p}_button", scale=4)
         stop = gr.Button("Stop", elem_id=f"{p}_stop", scale=1)
     result = gr.Textbox(label="Result", lines=10, max_lines=30, interactive=False, elem_id=f"{p}_result")
     chart = ENERGY_CHART.component(f"{p}_chart")
-    return ResizePanel(lora, [policy, value, max_rank, dtype, device, output, overwrite], button, stop, result, chart)
+    return ResizePanel(lora, [policy, value, max_rank, dtype, device, output, overwrite, metadata, verify], button, stop,
+                       result, chart)
 
 
 def wire(host: Host, extract: ExtractPanel, resize: ResizePanel, list_new_loras: Callable[[], list],
@@ -125,9 +127,9 @@ def wire(host: Host, extract: ExtractPanel, resize: ResizePanel, list_new_loras:
     extract.stop.click(host.interrupt, inputs=[], outputs=[], queue=False)
 
     def run_resize(progress=gr.Progress(), *values):  # noqa: B008 (gradio finds its bar by this default)
-        lora, policy, value, max_rank, dtype, device, output, overwrite = values
+        lora, policy, value, max_rank, dtype, device, output, overwrite, metadata, verify = values
         request = ResizeRequest(lora=lora, output=output, policy=policy, value=value, max_rank=max_rank, dtype=dtype,
-                                device=device, overwrite=bool(overwrite))
+                                device=device, overwrite=bool(overwrite), metadata=metadata, verify=bool(verify))
         outcome = handlers_extract.resize(host, request, _progress_bridge(progress, "resizing", "modules"))
         return outcome.message, ENERGY_CHART.update(outcome.chart)
 
