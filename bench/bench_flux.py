@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_merge import IO_FLOOR, factor_route  # noqa: E402
-from common import ROOT, machine, quiet_disk, run_once, spread  # noqa: E402
+from common import ROOT, interleaved_rounds, machine, quiet_disk, run_once, spread  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
@@ -105,17 +105,9 @@ def bench_merge(work: Path, tmp: str, args: argparse.Namespace) -> dict:
     steps = {"I/O floor": ([str(floor), str(a), str(b), str(io_out)], lambda: {}),
              "ours (warm hash cache)": (merge, lambda: warm),
              "ours (cold hash cache)": (merge, lambda: {"LORAMERGE_CACHE_DIR": tempfile.mkdtemp(dir=tmp)})}
-    times: dict[str, list[float]] = {n: [] for n in steps}
-    rss: dict[str, float] = {}
-    math_s: list[float] = []
-    for _ in range(args.runs):
-        for name, (argv, env) in steps.items():
-            quiet_disk(out, io_out, pause=0.5)
-            wall, peak, stdout = run_once(argv, env())
-            times[name].append(wall)
-            rss[name] = max(rss.get(name, 0.0), peak)
-            if name != "I/O floor":
-                math_s.append(json.loads(stdout)["timings"]["math"])
+    times, rss, printed = interleaved_rounds(steps, args.runs, (out, io_out))
+    math_s = [json.loads(stdout)["timings"]["math"] for name, runs in printed.items() if name != "I/O floor"
+              for _, stdout in runs]
     quiet_disk(out, io_out, pause=0)
     la, lb = read_lora(a, lazy=True), read_lora(b, lazy=True)
     groups: dict[tuple[int, int], list[str]] = defaultdict(list)

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, machine, quiet_disk, run_once, spread  # noqa: E402
+from common import ROOT, interleaved_rounds, machine, quiet_disk, run_once, spread  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
@@ -119,18 +119,12 @@ def main() -> None:
                  "ours (warm hash cache)": (merge_argv, lambda: warm)}
         quiet_disk(out, io_out, pause=0)
         run_once(merge_argv, warm)  # fills the warm cache
-        times: dict[str, list[float]] = {name: [] for name in steps}
-        rss: dict[str, float] = {}
+        times, rss, printed = interleaved_rounds(steps, args.runs, (out, io_out))
         splits: dict[str, list[dict]] = {name: [] for name in steps}
-        for _ in range(args.runs):
-            for name, (argv, env) in steps.items():
-                quiet_disk(out, io_out, pause=0.5)
-                wall, peak, stdout = run_once(argv, env())
-                times[name].append(wall)
-                rss[name] = max(rss.get(name, 0.0), peak)
-                if name != "I/O floor":
-                    report = json.loads(stdout)
-                    splits[name].append({"start-up/import": wall - report["timings"]["total"], **report["timings"]})
+        for name, runs in printed.items():
+            for wall, stdout in runs if name != "I/O floor" else ():
+                timings = json.loads(stdout)["timings"]
+                splits[name].append({"start-up/import": wall - timings["total"], **timings})
         merge_seconds = statistics.median(s["math"] for s in splits["ours (cold hash cache)"])
 
         la, lb = read_lora(a), read_lora(b)

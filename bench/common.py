@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +62,26 @@ def quiet_disk(*outputs: Path, pause: float = 1.0) -> None:
         out.unlink(missing_ok=True)
     os.sync()
     time.sleep(pause)
+
+
+Step = tuple[list[str], Callable[[], dict[str, str]]]  # (argv, env made fresh for each run)
+
+
+def interleaved_rounds(steps: dict[str, Step], runs: int, outputs: Sequence[Path]
+                       ) -> tuple[dict[str, list[float]], dict[str, float], dict[str, list[tuple[float, str]]]]:
+    """Run every step once per round, round after round, each on a quiet disk: (wall seconds per
+    step, peak RSS per step in MiB, (wall, stdout) of every run per step)."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    rss: dict[str, float] = {}
+    printed: dict[str, list[tuple[float, str]]] = {name: [] for name in steps}
+    for _ in range(runs):
+        for name, (argv, env) in steps.items():
+            quiet_disk(*outputs, pause=0.5)
+            wall, peak, stdout = run_once(argv, env())
+            times[name].append(wall)
+            rss[name] = max(rss.get(name, 0.0), peak)
+            printed[name].append((wall, stdout))
+    return times, rss, printed
 
 
 def spread(values: list[float]) -> str:
