@@ -16,7 +16,6 @@ conv rank, their linear and 1×1 layers at the rank), as kohya's ``extract_lora_
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import math
 import os
@@ -31,6 +30,7 @@ import torch
 
 from .. import fluxlayout, sdlayouts
 from ..errors import LoraMergeError
+from ..formats.readahead import read_ahead
 from ..formats.safetensors_io import all_finite
 from ..formats.tensorfile import SAFETENSORS_SUFFIXES, TensorFile, open_tensor_file
 from ..model import CONV, LoraModule, is_text_encoder, kind_of
@@ -218,53 +218,15 @@ def check_pair(base_path: str | os.PathLike, tuned_path: str | os.PathLike, opti
         return plan_layers(base, tuned, options)[0]
 
 
-def _read_pairs(base: TensorFile, tuned: TensorFile, layers: list[_Layer], stop: threading.Event
+def _read_pairs(base: TensorFile, tuned: TensorFile, layers: list[_Layer]
                 ) -> Iterator[tuple[_Layer, torch.Tensor, torch.Tensor]]:
     """(layer, base tensor, tuned tensor) in order, read by a thread up to :data:`READ_AHEAD_BYTES` ahead."""
-    ready: collections.deque = collections.deque()
-    budget = threading.Condition()
-    queued = [0]
-
     def size(layer: _Layer) -> int:
         info = tuned.infos[layer.key]
         return 2 * math.prod(info.shape) * torch.empty((), dtype=info.dtype).element_size()  # (torch 2.1 safe)
 
-    def produce() -> None:
-        try:
-            for layer in layers:
-                with budget:
-                    budget.wait_for(lambda layer=layer: stop.is_set() or not ready
-                                    or queued[0] + size(layer) <= READ_AHEAD_BYTES)
-                if stop.is_set():
-                    return
-                pair = (layer, base.get(layer.key), tuned.get(layer.key))
-                with budget:
-                    ready.append((pair, None))
-                    queued[0] += size(layer)
-                    budget.notify_all()
-        except BaseException as e:  # raised in the consumer
-            with budget:
-                ready.append((None, e))
-                budget.notify_all()
-
-    worker = threading.Thread(target=produce, name="lora-extract-read", daemon=True)
-    worker.start()
-    try:
-        for _ in layers:
-            with budget:
-                budget.wait_for(lambda: bool(ready))
-                pair, error = ready.popleft()
-                if pair is not None:
-                    queued[0] -= size(pair[0])
-                budget.notify_all()
-            if error is not None:
-                raise error
-            yield pair
-    finally:
-        with budget:
-            stop.set()
-            budget.notify_all()
-        worker.join()
+    return read_ahead(layers, lambda layer: (layer, base.get(layer.key), tuned.get(layer.key)), size, ahead=1,
+                      budget=READ_AHEAD_BYTES, name="lora-extract-read")
 
 
 def _difference(base_t: torch.Tensor, tuned_t: torch.Tensor, scratch: Scratch, device: torch.device) -> torch.Tensor:
@@ -312,7 +274,7 @@ def extract_lora(base_path: str | os.PathLike, tuned_path: str | os.PathLike, op
                                 "read a tensor at a time)")
         total = sum(len(layer.modules) for layer in layers)
         results: dict[str, LoraModule] = {}
-        stop, done = threading.Event(), 0
+        done = 0
         local = threading.local()  # one scratch buffer per worker thread
 
         def work(item: tuple[_Layer, torch.Tensor, torch.Tensor]) -> list[tuple[str, _Outcome]]:
@@ -333,7 +295,7 @@ def extract_lora(base_path: str | os.PathLike, tuned_path: str | os.PathLike, op
         # modules are decomposed in parallel on the CPU (one thread each, as merges do); a few layers
         # ahead at most, so memory holds a handful of layers whatever the checkpoint's size
         window = min(torch.get_num_threads(), MAX_WORKERS) + 1
-        pairs = _read_pairs(base, tuned, layers, stop)
+        pairs = _read_pairs(base, tuned, layers)
         with full_precision_matmul(), contextlib.closing(pairs):  # an interrupt stops the reader thread too
             for outcomes in parallel_map(work, pairs, device, window=window):
                 for name, outcome in outcomes:

@@ -10,7 +10,6 @@ exactly the bytes that reach the disk.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import hashlib
@@ -19,7 +18,6 @@ import math
 import os
 import struct
 import sys
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch
 
 from ..errors import LoraMergeError
 from .atomic import discard, new_file_mode, publish, temp_path
+from .readahead import read_ahead
 
 # safetensors dtype names, in the order of the library's own enum: the writer sorts tensors by
 # this order (descending), then by name, exactly as safetensors.torch.save does, so that a file
@@ -364,51 +363,13 @@ def iter_data(specs: list[TensorSpec], prefetch: int = 0, *, raw_copies: bool = 
         for s in specs:
             yield s, (s.source if passes_through(s) else tensor_bytes(s.materialize()))  # type: ignore[misc]
         return
-    made = [s for s in specs if not passes_through(s)]
-    ready: collections.deque = collections.deque()
-    budget = threading.Condition()
-    queued = [0]  # bytes made and not yet taken
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for s in made:
-                with budget:
-                    budget.wait_for(lambda s=s: stop.is_set() or len(ready) < prefetch
-                                    or queued[0] + s.nbytes <= PREFETCH_BYTES)
-                if stop.is_set():
-                    return
-                data = tensor_bytes(s.materialize())
-                with budget:
-                    ready.append((data, None))
-                    queued[0] += len(data)
-                    budget.notify_all()
-        except BaseException as e:  # handed to the consumer, raised there
-            with budget:
-                ready.append((None, e))
-                budget.notify_all()
-
-    worker = threading.Thread(target=produce, name="safetensors-prefetch", daemon=True)
-    worker.start()
+    made = read_ahead([s for s in specs if not passes_through(s)], lambda s: tensor_bytes(s.materialize()),
+                      lambda s: s.nbytes, ahead=prefetch, budget=PREFETCH_BYTES, name="safetensors-prefetch")
     try:
         for s in specs:
-            if passes_through(s):
-                yield s, s.source  # type: ignore[misc]
-                continue
-            with budget:
-                budget.wait_for(lambda: bool(ready))
-                data, error = ready.popleft()
-                if data is not None:
-                    queued[0] -= len(data)
-                budget.notify_all()
-            if error is not None:
-                raise error
-            yield s, data
+            yield s, (s.source if passes_through(s) else next(made))  # type: ignore[misc]
     finally:
-        with budget:
-            stop.set()
-            budget.notify_all()
-        worker.join()
+        made.close()
 
 
 MODEL_HASH_KEY, LEGACY_HASH_KEY = "sshs_model_hash", "sshs_legacy_hash"
