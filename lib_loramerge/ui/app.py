@@ -299,6 +299,26 @@ METADATA_HELP = ("merge: keep what the inputs agree on, sum tag counts, join tri
                  "input's · new: only this tool's · none: the minimum a loader needs")
 
 
+def output_file_fields(p: str, device_choices: list[str], placeholder: str, dtypes: list[str] = DTYPES,
+                       dtype_label: str = "Save as") -> tuple[gr.Dropdown, gr.Dropdown, gr.Textbox, gr.Checkbox]:
+    """Dtype, device, file name and overwrite of a panel writing a LoRA, in the caller's row."""
+    dtype = gr.Dropdown(dtypes, value=dtypes[0], label=dtype_label, elem_id=f"{p}_dtype", scale=1)
+    device = gr.Dropdown(device_choices, value=device_choices[0], label="Device", elem_id=f"{p}_device", scale=1)
+    output = gr.Textbox(label="Output file name (saved in the LoRA folder)", placeholder=placeholder,
+                        elem_id=f"{p}_output", scale=3)
+    overwrite = gr.Checkbox(value=False, label="Overwrite", elem_id=f"{p}_overwrite", scale=1)
+    return dtype, device, output, overwrite
+
+
+def run_controls(p: str, label: str, interactive: bool = True) -> tuple[gr.Button, gr.Button, gr.Textbox, gr.BarPlot]:
+    """The run and stop buttons, the result text and the energy chart of a panel writing a LoRA."""
+    with gr.Row():
+        button = gr.Button(label, variant="primary", elem_id=f"{p}_button", scale=4, interactive=interactive)
+        stop = gr.Button("Stop", elem_id=f"{p}_stop", scale=1)
+    result = gr.Textbox(label="Result", lines=10, max_lines=30, interactive=False, elem_id=f"{p}_result")
+    return button, stop, result, ENERGY_CHART.component(f"{p}_chart")
+
+
 def output_checks(p: str) -> tuple[gr.Dropdown, gr.Checkbox]:
     """The metadata mode and the verify box of a panel writing a LoRA (merge, resize)."""
     with gr.Row():
@@ -329,17 +349,9 @@ def _merge_panel(host: Host, lora_choices: list[str], preset_choices: list[str],
         density = gr.Number(value=0, minimum=0, maximum=1, label="Density (ties/dare; 0: default)",
                             elem_id=f"{p}_density", scale=1)
     with gr.Row():
-        dtype = gr.Dropdown(DTYPES, value="fp16", label="Save as", elem_id=f"{p}_dtype", scale=1)
-        device = gr.Dropdown(device_choices, value=device_choices[0], label="Device", elem_id=f"{p}_device", scale=1)
-        output = gr.Textbox(label="Output file name (saved in the LoRA folder)", placeholder="merged.safetensors",
-                            elem_id=f"{p}_output", scale=3)
-        overwrite = gr.Checkbox(value=False, label="Overwrite", elem_id=f"{p}_overwrite", scale=1)
+        dtype, device, output, overwrite = output_file_fields(p, device_choices, "merged.safetensors")
     metadata, verify = output_checks(p)
-    with gr.Row():
-        merge = gr.Button("Merge", variant="primary", elem_id=f"{p}_button", scale=4)
-        stop = gr.Button("Stop", elem_id=f"{p}_stop", scale=1)
-    result = gr.Textbox(label="Result", lines=10, max_lines=30, interactive=False, elem_id=f"{p}_result")
-    chart = ENERGY_CHART.component(f"{p}_chart")
+    merge, stop, result, chart = run_controls(p, "Merge")
 
     return MergePanel(rows, [mode, rank, threshold, dtype, device, output, overwrite, metadata, verify, method, t,
                              density], merge, stop, result, chart)

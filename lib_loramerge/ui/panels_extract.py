@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from . import handlers_extract
-from .app import DTYPES, ELEM, ENERGY_CHART, _progress_bridge, _refresh_button, output_checks
+from .app import DTYPES, ELEM, ENERGY_CHART, _progress_bridge, _refresh_button, output_checks, output_file_fields, run_controls
 from .handlers_extract import RESIZE_POLICIES, SOURCE_DTYPE, ExtractRequest, ResizeRequest
 from .host import Host
 
@@ -53,16 +53,8 @@ def extract_panel(host: Host, device_choices: list[str]) -> ExtractPanel:
                              elem_id=f"{p}_min_diff", scale=1)
     with gr.Row():
         text_encoder = gr.Checkbox(value=True, label="Text encoders too", elem_id=f"{p}_text_encoder", scale=1)
-        dtype = gr.Dropdown(DTYPES, value="fp16", label="Save as", elem_id=f"{p}_dtype", scale=1)
-        device = gr.Dropdown(device_choices, value=device_choices[0], label="Device", elem_id=f"{p}_device", scale=1)
-        output = gr.Textbox(label="Output file name (saved in the LoRA folder)", placeholder="extracted.safetensors",
-                            elem_id=f"{p}_output", scale=3)
-        overwrite = gr.Checkbox(value=False, label="Overwrite", elem_id=f"{p}_overwrite", scale=1)
-    with gr.Row():
-        button = gr.Button("Extract", variant="primary", elem_id=f"{p}_button", scale=4, interactive=folder is not None)
-        stop = gr.Button("Stop", elem_id=f"{p}_stop", scale=1)
-    result = gr.Textbox(label="Result", lines=10, max_lines=30, interactive=False, elem_id=f"{p}_result")
-    chart = ENERGY_CHART.component(f"{p}_chart")
+        dtype, device, output, overwrite = output_file_fields(p, device_choices, "extracted.safetensors")
+    button, stop, result, chart = run_controls(p, "Extract", interactive=folder is not None)
     settings = [rank, conv_rank, threshold, min_diff, text_encoder, dtype, device, output, overwrite]
     return ExtractPanel(base, tuned, settings, button, stop, result, chart)
 
@@ -92,18 +84,10 @@ def resize_panel(host: Host, lora_choices: list[str], device_choices: list[str])
         max_rank = gr.Number(value=0, precision=0, minimum=0, label="At most rank (0: no cap)",
                              elem_id=f"{p}_max_rank", scale=1)
     with gr.Row():
-        dtype = gr.Dropdown([SOURCE_DTYPE, *DTYPES], value=SOURCE_DTYPE, label="Save as (source: as the input)",
-                            elem_id=f"{p}_dtype", scale=1)
-        device = gr.Dropdown(device_choices, value=device_choices[0], label="Device", elem_id=f"{p}_device", scale=1)
-        output = gr.Textbox(label="Output file name (saved in the LoRA folder)", placeholder="resized.safetensors",
-                            elem_id=f"{p}_output", scale=3)
-        overwrite = gr.Checkbox(value=False, label="Overwrite", elem_id=f"{p}_overwrite", scale=1)
+        dtype, device, output, overwrite = output_file_fields(p, device_choices, "resized.safetensors",
+                                                              [SOURCE_DTYPE, *DTYPES], "Save as (source: as the input)")
     metadata, verify = output_checks(p)
-    with gr.Row():
-        button = gr.Button("Resize", variant="primary", elem_id=f"{p}_button", scale=4)
-        stop = gr.Button("Stop", elem_id=f"{p}_stop", scale=1)
-    result = gr.Textbox(label="Result", lines=10, max_lines=30, interactive=False, elem_id=f"{p}_result")
-    chart = ENERGY_CHART.component(f"{p}_chart")
+    button, stop, result, chart = run_controls(p, "Resize")
     return ResizePanel(lora, [policy, value, max_rank, dtype, device, output, overwrite, metadata, verify], button, stop,
                        result, chart)
 
