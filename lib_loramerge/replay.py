@@ -18,7 +18,7 @@ from pathlib import Path
 from .blocks.layouts import LAYOUTS
 from .blocks.weights import BlockWeights
 from .errors import LoraMergeError, display_path
-from .formats.hashing import BackgroundHashes, HashCache, cache_file, data_sha256, file_sha256
+from .formats.hashing import HashCache, cache_file, data_sha256, file_sha256
 from .formats.metadata import RECIPE_KEY, RECIPE_VERSION
 from .formats.safetensors_io import read_header
 
@@ -128,22 +128,17 @@ def block_ratio(entry: dict, arch: str):
     return weights.ratio, weights.recipe()
 
 
-def input_paths(recipe: dict, lora_dirs: Sequence[Path]) -> list[Path]:
-    finder = Finder(lora_dirs)
-    return [finder.find(entry["file"], entry.get("hash", ""), "input LoRA") for entry in recipe["inputs"]]
-
-
 def identical(a: Path, b: Path) -> tuple[bool, bool, list[str]]:
-    """(whole files identical, tensor data identical, metadata keys that differ)."""
+    """(whole files identical, tensor data identical, metadata keys that differ): each file read once."""
     ha, hb = read_header(a), read_header(b)
-    hashes = BackgroundHashes([a, b], whole=True)
-    data = ha.entries == hb.entries and _data_hash(a, ha.data_start) == _data_hash(b, hb.data_start)
+    data = ha.entries == hb.entries and file_sha256(a, ha.data_start) == file_sha256(b, hb.data_start)
     differ = sorted(k for k in set(ha.metadata) | set(hb.metadata) if ha.metadata.get(k) != hb.metadata.get(k))
-    return hashes.result(0) == hashes.result(1), data, differ
+    return data and _header_bytes(a, ha.data_start) == _header_bytes(b, hb.data_start), data, differ
 
 
-def _data_hash(path: Path, start: int) -> str:
-    return file_sha256(path, start)
+def _header_bytes(path: Path, size: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(size)
 
 
 @dataclass
