@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import io
 import itertools
+import math
 import os
 import re
 import shlex
@@ -110,9 +111,7 @@ def _expand(index: int, spec: object, defaults: dict, parsers: dict, base: Path,
     sweep = options.pop("sweep", None) or {}
     if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
         return [BatchJob(start, command, [], where, error=f"{where}: 'sweep' must map names to non-empty lists")]
-    count = 1
-    for values in sweep.values():
-        count *= len(values)
+    count = math.prod(len(values) for values in sweep.values())
     if count > MAX_JOBS:
         return [BatchJob(start, command, [], where, error=f"{where}: the sweep makes {count} jobs (at most {MAX_JOBS})")]
     names = list(sweep)
@@ -120,8 +119,8 @@ def _expand(index: int, spec: object, defaults: dict, parsers: dict, base: Path,
     unknown = used - set(names)
     if unknown:
         return [BatchJob(start, command, [], where, error=f"{where}: {{{sorted(unknown)[0]}}} is no sweep variable")]
-    if count > 1 and not set(names) <= _placeholders(options.get("out", "")):
-        missing = sorted(set(names) - _placeholders(options.get("out", "")))
+    missing = sorted(set(names) - _placeholders(options.get("out", "")))
+    if count > 1 and missing:
         return [BatchJob(start, command, [], where,
                          error=f"{where}: 'out' must contain {{{missing[0]}}}, or every value of the sweep would be "
                                "written to the same file")]

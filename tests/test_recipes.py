@@ -384,3 +384,23 @@ def test_replay_from_a_saved_recipe_file(tmp_path, loras, capsys):
     assert code == 0, err
     assert stdout.count("wrote") == 1
     assert all(torch.equal(t, load_file(str(out))[k]) for k, t in load_file(str(again)).items())
+
+
+def test_batch_refuses_sweeps_and_jobs_that_would_write_one_file_twice(tmp_path, loras, capsys):
+    a, b = (p.name for p in loras)
+    batch = tmp_path / "jobs.json"
+    batch.write_text(json.dumps({"jobs": [
+        {"command": "merge", "models": [a, b], "ratios": [1, "{s}"], "out": "same.safetensors",
+         "sweep": {"s": [0.5, 1]}},
+        {"command": "merge", "models": [a, b], "out": "one.safetensors"},
+        {"command": "merge", "models": [b, a], "out": "one.safetensors"},
+        {"command": "merge", "models": [a, b], "ranks": 4, "out": "typo.safetensors"},
+    ]}))
+    code, stdout, _ = run(capsys, "batch", batch, "--dry-run")
+    assert code == 0
+    assert "'out' must contain {s}" in stdout
+    assert "writes" in stdout and "as job 2 does" in stdout
+    assert "'ranks' is no option of merge" in stdout
+    code, stdout, _ = run(capsys, "batch", batch)
+    assert code == 2 and "1 of 4 jobs done, 3 failed" in stdout
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors") if p.name not in (a, b)) == ["one.safetensors"]
