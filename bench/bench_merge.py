@@ -40,7 +40,7 @@ from common import ROOT, interleaved_rounds, machine, quiet_disk, run_once, spre
 sys.path.insert(0, str(ROOT))
 
 from lib_loramerge.formats.reader import read_lora  # noqa: E402
-from lib_loramerge.ops.lowrank import batched_factor_svd, factor_svd  # noqa: E402
+from lib_loramerge.ops.lowrank import batched_svd, factor_svd  # noqa: E402
 
 IO_FLOOR = """
 import sys
@@ -83,16 +83,25 @@ def dense_baseline(parts, rank: int) -> tuple[torch.Tensor, float]:
 
 
 def factor_route(parts, rank: int) -> tuple[torch.Tensor, float]:
-    """What the merge runs for one module: the batched fp32-Gram route (batch of one), float64 if it declines."""
+    """What the merge runs for one module: the factors stacked as read, the balanced strength scales applied to
+    the Grams by the batched fp32-Gram route (batch of one); float64 on the scaled stack if it declines."""
     start = time.perf_counter()
-    ups = [s * m.scale * m.up.float().reshape(m.out_features, -1) for m, s in parts]
-    downs = [m.down.float().reshape(m.rank, -1) for m, _ in parts]
-    up, down = torch.cat(ups, 1), torch.cat(downs, 0)
-    (svd,), _ = batched_factor_svd(up[None], down[None], [rank], 0.0)
-    if svd is None:
-        svd = factor_svd(up, down, rank)
-    _ = svd.left[:, :rank] * svd.values[:rank].float(), svd.right[:rank]
-    return svd.values[:rank], time.perf_counter() - start
+    up = torch.cat([m.up.float().reshape(m.out_features, -1) for m, _ in parts], 1)
+    down = torch.cat([m.down.float().reshape(m.rank, -1) for m, _ in parts], 0)
+    roots = [math.sqrt(abs(s * m.scale)) for m, s in parts]
+    signed = [math.copysign(r, s * m.scale) for r, (m, s) in zip(roots, parts, strict=True)]
+    up_scale = torch.tensor([r for r, (m, _) in zip(signed, parts, strict=True) for _ in range(m.rank)], dtype=torch.float64)
+    down_scale = torch.tensor([r for r, (m, _) in zip(roots, parts, strict=True) for _ in range(m.rank)], dtype=torch.float64)
+    batch = batched_svd(up[None], down[None], [rank], 0.0, (up_scale[None], down_scale[None]))
+    if batch.accepted:
+        left, right = batch.vectors(rank)
+        values = batch.values[0]
+        _ = left[0] * values[:rank].float(), right[0]
+    else:
+        svd = factor_svd(up * up_scale.float(), down_scale.float()[:, None] * down, rank)
+        values = svd.values
+        _ = svd.left[:, :rank] * svd.values[:rank].float(), svd.right[:rank]
+    return values[:rank], time.perf_counter() - start
 
 
 def main() -> None:

@@ -115,6 +115,10 @@ def _input_specs(args: argparse.Namespace, notes: list[str]) -> list:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    from .formats.hashing import BackgroundHashes
+
+    # the inputs' hashes (for the recipe) start now, on the core that importing torch leaves idle
+    early = BackgroundHashes([Path(m) for m in args.models]) if args.models and args.prompt is None else None
     from .blocks.presets import load_presets
     from .formats.writer import parse_dtype
     from .jobs import check_output, merge_to_file, prepare_inputs
@@ -138,7 +142,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     progress = _TqdmProgress(f"merge ({args.mode})")
     try:
         job = merge_to_file(inputs, options, args.out, overwrite=args.overwrite, progress=progress, notes=notes,
-                            metadata_mode=args.metadata, verify=args.verify)
+                            metadata_mode=args.metadata, verify=args.verify, hashes=early)
     finally:
         progress.close()
     job.report.timings = {"read": read, **job.report.timings, "total": time.perf_counter() - started}
@@ -302,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "inputs only, their largest exact factor rank)")
     p.add_argument("--threshold", type=float,
                    help="svd: per module, the smallest rank keeping this fraction of ‖ΔW‖² (0 < T ≤ 1), capped by --rank")
-    from .ops.methods import add_method_args
+    from .ops.method_names import add_method_args
 
     add_method_args(p)
     p.add_argument("--clamp", type=float, metavar="Q", help="svd: clip factors to this quantile of |values| (off by default)")

@@ -35,9 +35,14 @@ __all__ = ["RECIPE_KEY", "RECIPE_VERSION"]
 Progress = Callable[[int, int, str], None]
 
 
-def input_hashes(loras: Sequence[LoraModel]) -> BackgroundHashes:
-    """Start hashing the inputs' files (the hash A1111 shows) beside the job; never trusts a stored hash."""
-    return BackgroundHashes([lora.path for lora in loras])
+def input_hashes(loras: Sequence[LoraModel], started: BackgroundHashes | None = None) -> BackgroundHashes:
+    """Start hashing the inputs' files (the hash A1111 shows) beside the job; never trusts a stored hash.
+    ``started``: hashes begun earlier (the CLI starts them while torch is imported), used when they are
+    of these very files."""
+    paths = [lora.path for lora in loras]
+    if started is not None and started.covers(paths):
+        return started
+    return BackgroundHashes(paths)
 
 
 def input_entries(inputs: Sequence[MergeInput], hashes: BackgroundHashes, placeholder: bool = False
@@ -107,18 +112,19 @@ def merge_recipe(inputs: Sequence[MergeInput], options: MergeOptions, arch: str,
 
 def merge_to_file(inputs: Sequence[MergeInput], options: MergeOptions, out: str | os.PathLike, *,
                   overwrite: bool = False, progress: Progress | None = None, notes: Sequence[str] = (),
-                  metadata_mode: str = "merge", verify: bool = False, date: str | None = None) -> MergeJob:
+                  metadata_mode: str = "merge", verify: bool = False, date: str | None = None,
+                  hashes: BackgroundHashes | None = None) -> MergeJob:
     """Merge already-read inputs and write the result atomically (nothing is written on failure).
 
     ``metadata_mode``: what the output keeps of the inputs' metadata (see :mod:`.formats.metadata`);
     ``verify``: re-read the written file and compare every module with its target before it takes
     its name (a failure is an error, and nothing is written); ``date``: modelspec.date (a replay
-    passes the original's).
+    passes the original's); ``hashes``: the inputs' hashing, if already started.
     """
     notes = list(notes)
     check_mode(metadata_mode)
     out = start_output(out, overwrite, notes)
-    hashes = input_hashes([i.lora for i in inputs])
+    hashes = input_hashes([i.lora for i in inputs], hashes)
     if verify and options.method is not None:  # ties/dare: keep each module's exact result to compare with
         options = dataclasses.replace(options, method=dataclasses.replace(options.method, keep_targets=True))
     result = merge_loras(inputs, options, progress)

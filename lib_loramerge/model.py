@@ -135,6 +135,15 @@ class LoraModule(FactorDelta):
             validate_values(module, self.source)
         return module
 
+    def load_into(self, up: torch.Tensor, down: torch.Tensor) -> bool:
+        """Read a lazily read plain module's factors into ``up`` and ``down`` (contiguous, of the file's
+        dtypes and the factors' shapes: buffers a batch reuses); False when its loader cannot."""
+        into = getattr(self.loader, "into", None)
+        if not self.is_lazy or self.mid is not None or into is None:
+            return False
+        into(up, down)
+        return True
+
     @property
     def rank(self) -> int:
         return int(self.down.shape[0])

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import LoraMergeError
-from .safetensors_io import read_header
 
 CHUNK = 8 << 20
 
@@ -48,8 +47,20 @@ def data_sha256(path: str | os.PathLike) -> str:
     """A LoRA's hash as A1111 computes it: the data section of a safetensors file, else the whole file."""
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
-        return file_sha256(path, read_header(path).data_start)
+        return file_sha256(path, _data_start(path))
     return file_sha256(path)
+
+
+def _data_start(path: Path) -> int:
+    """Where a safetensors file's data section begins: after the 8-byte header length and the header.
+    (Read here without torch, so a CLI job can start hashing while torch is still being imported.)"""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        length = f.read(8)
+    n = int.from_bytes(length, "little") if len(length) == 8 else -1
+    if not 0 <= n <= size - 8:
+        raise LoraMergeError("not a safetensors file (its header length does not fit the file)", path)
+    return 8 + n
 
 
 CACHE_ENV = "LORAMERGE_CACHE_DIR"  # a folder, or "off"
@@ -142,6 +153,17 @@ class BackgroundHashes(threading.Thread):
             except BaseException as e:  # reported by result()
                 self.error = (path, e)
                 return
+
+    def covers(self, paths: Sequence[Path | None]) -> bool:
+        """Whether this hashes exactly ``paths`` (the same files, in order)."""
+        def same(a: Path | None, b: Path | None) -> bool:
+            if a is None or b is None:
+                return a is b
+            try:
+                return os.path.samefile(a, b)
+            except OSError:
+                return False
+        return len(paths) == len(self.paths) and all(same(a, b) for a, b in zip(self.paths, paths, strict=True))
 
     def result(self, i: int = 0) -> str:
         self.join()

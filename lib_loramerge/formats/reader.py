@@ -121,7 +121,7 @@ def _module(tf: TensorFile, name: str, parts: dict[str, str], lazy: bool) -> Net
                 raise LoraMergeError(f"has {have} but no {needed} factor", tf.path, name)
         module: NetworkModule = LoraModule(name=name, up=tensor(parts[UP]), down=tensor(parts[DOWN]), alpha=alpha,
                                            mid=tensor(parts[MID]) if MID in parts else None,
-                                           loader=_loader(tf, parts) if lazy else None, source=tf.path)
+                                           loader=FactorLoader(tf, parts) if lazy else None, source=tf.path)
         validate_module(module, tf.path)
     else:
         algo = families[0]
@@ -180,10 +180,21 @@ def _meta(tf: TensorFile, key: str) -> torch.Tensor:
     return torch.empty(info.shape, dtype=info.dtype, device="meta")
 
 
-def _loader(tf: TensorFile, parts: dict[str, str]):
-    def load() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+class FactorLoader:
+    """Reads a lazily read LoRA/LoCon module's factors: into new tensors (a call), or into buffers the
+    caller reuses (:meth:`into`, plain up/down only)."""
+
+    def __init__(self, tf: TensorFile, parts: dict[str, str]) -> None:
+        self.tf, self.parts = tf, parts
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        tf, parts = self.tf, self.parts
         return tf.get(parts[UP]), tf.get(parts[DOWN]), tf.get(parts[MID]) if MID in parts else None
-    return load
+
+    def into(self, up: torch.Tensor, down: torch.Tensor) -> None:
+        """Read up and down into contiguous tensors of their file dtype and shape."""
+        self.tf.read_into(self.parts[UP], up)
+        self.tf.read_into(self.parts[DOWN], down)
 
 
 def _adapter_of(m: KeyMatch) -> str | None:

@@ -10,6 +10,7 @@ exactly the bytes that reach the disk.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
@@ -18,6 +19,7 @@ import math
 import os
 import struct
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LoraMergeError
+from ..runtime import torch_threads
 from .atomic import discard, new_file_mode, publish, temp_path
 from .readahead import read_ahead
 
@@ -382,9 +385,14 @@ class _HashTap:
     model hash: sha256 of the data section (what A1111 and Civitai compute from the file).
     legacy hash: first 8 hex digits of sha256 over the 64 KiB at offset 1 MiB of the file that
     safetensors would write with only the ``ss_*`` metadata (kohya's definition).
+
+    The sha256 runs on a thread (hashlib releases the GIL), beside the writes, at most
+    :data:`BEHIND` bytes behind them (the data it holds stays alive until hashed); :meth:`close`
+    stops it when the write fails.
     """
 
     LO, HI = 0x100000, 0x110000
+    BEHIND = 64 << 20
 
     def __init__(self, specs: list[TensorSpec], metadata: Mapping[str, str], entries: str | None = None):
         self.modelspec = MODELSPEC_HASH_KEY in metadata
@@ -393,15 +401,49 @@ class _HashTap:
         self.model = hashlib.sha256()
         self.legacy = bytearray(head[self.LO:self.HI])
         self.pos = len(head)
+        self._pending: collections.deque[memoryview | None] = collections.deque()
+        self._pending_bytes = 0
+        self._ready = threading.Condition()
+        self._thread: threading.Thread | None = None
 
     def feed(self, data: memoryview) -> None:
-        self.model.update(data)
         end = self.pos + len(data)
         if end > self.LO and self.pos < self.HI:
             self.legacy += data[max(self.LO - self.pos, 0):min(self.HI - self.pos, len(data))]
         self.pos = end
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._hash, name="safetensors-hash", daemon=True)
+            self._thread.start()
+        with self._ready:
+            self._ready.wait_for(lambda: self._pending_bytes < self.BEHIND)
+            self._pending.append(data)
+            self._pending_bytes += len(data)
+            self._ready.notify_all()
+
+    def _hash(self) -> None:
+        while True:
+            with self._ready:
+                self._ready.wait_for(lambda: bool(self._pending))
+                data = self._pending[0]
+            if data is None:
+                return
+            self.model.update(data)
+            with self._ready:
+                self._pending.popleft()
+                self._pending_bytes -= len(data)
+                self._ready.notify_all()
+
+    def close(self) -> None:
+        """Let the thread finish what it holds, and stop."""
+        if self._thread is not None:
+            with self._ready:
+                self._pending.append(None)
+                self._ready.notify_all()
+            self._thread.join()
+            self._thread = None
 
     def digests(self) -> dict[str, str]:
+        self.close()
         found = {MODEL_HASH_KEY: self.model.hexdigest(),
                  LEGACY_HASH_KEY: hashlib.sha256(bytes(self.legacy)).hexdigest()[:8]}
         if self.modelspec:
@@ -464,22 +506,25 @@ def write_safetensors(path: str | os.PathLike, specs: Iterable[TensorSpec],
         try:
             copier = _RangeCopier(fd)
             writeback = _Writeback(fd)
-            try:
-                _write_all(fd, memoryview(head))
-                for done, (spec, data) in enumerate(iter_data(specs, prefetch, raw_copies=tap is None), 1):
-                    if isinstance(data, ByteRange):
-                        copier.copy(data)
-                    else:
-                        if len(data) != spec.nbytes:
-                            raise LoraMergeError(f"internal: {spec.name} gave {len(data)} bytes, expected {spec.nbytes}")
-                        _write_all(fd, data)
-                        if tap:
-                            tap.feed(data)
-                    writeback.advance()
-                    if progress:
-                        progress(done, len(specs), spec.name)
+            try:  # the hash thread takes a core: torch's own pool would spin-wait for it (see torch_threads)
+                with torch_threads(1) if tap else contextlib.nullcontext():
+                    _write_all(fd, memoryview(head))
+                    for done, (spec, data) in enumerate(iter_data(specs, prefetch, raw_copies=tap is None), 1):
+                        if isinstance(data, ByteRange):
+                            copier.copy(data)
+                        else:
+                            if len(data) != spec.nbytes:
+                                raise LoraMergeError(f"internal: {spec.name} gave {len(data)} bytes, expected {spec.nbytes}")
+                            _write_all(fd, data)
+                            if tap:
+                                tap.feed(data)
+                        writeback.advance()
+                        if progress:
+                            progress(done, len(specs), spec.name)
             finally:
                 copier.close()
+                if tap:
+                    tap.close()
             if tap or finalize:
                 meta.update(tap.digests() if tap else {})
                 meta.update(finalize() if finalize else {})

@@ -54,23 +54,39 @@ class TensorFile:
             raise KeyError(key)
         if self._tensors is not None:
             return self._tensors[key]
+        info = self.infos[key]
+        out = torch.empty(info.shape, dtype=info.dtype)
+        self.read_into(key, out)
+        return out
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """Read one tensor's bytes into ``out``, a contiguous CPU tensor of its dtype and shape: memory the
+        caller reuses tensor after tensor (a batch's staging buffer), warm in the cache and in the page tables."""
+        info = self.infos[key]
+        if out.dtype != info.dtype or tuple(out.shape) != info.shape or not out.is_contiguous():
+            raise LoraMergeError(f"internal: tensor '{key}' is {info.dtype} {list(info.shape)}, the buffer "
+                                 f"{out.dtype} {list(out.shape)}", self.path)
+        if self._tensors is not None:
+            out.copy_(self._tensors[key])
+            return
         assert self.header is not None
         entry = self.header.entries[key]
-        info = self.infos[key]
+        if entry.end == entry.begin:
+            return
         try:
             stat = self.path.stat()
             if stat.st_size != self.header.file_size:
                 raise LoraMergeError("the file changed on disk while it was being read", self.path)
-            buf = bytearray(entry.end - entry.begin)
-            with open(self.path, "rb") as f:
+            with open(self.path, "rb", buffering=0) as f:  # unbuffered: the bytes go straight into ``out``
                 f.seek(self.header.data_start + entry.begin)
-                if f.readinto(buf) != len(buf):
-                    raise LoraMergeError(f"truncated file: tensor '{key}' is incomplete", self.path)
+                target = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+                while target:  # one read may return less (2 GiB at most on Linux)
+                    n = f.readinto(target)
+                    if not n:
+                        raise LoraMergeError(f"truncated file: tensor '{key}' is incomplete", self.path)
+                    target = target[n:]
         except OSError as e:
             raise LoraMergeError(f"cannot read tensor '{key}' ({_short(e)})", self.path) from e
-        if not buf:
-            return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
     def byte_range(self, key: str) -> ByteRange | None:
         """Where a tensor's raw bytes lie in the file (safetensors only), for copying it unchanged."""

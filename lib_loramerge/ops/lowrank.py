@@ -166,9 +166,67 @@ FAST_TOLERANCE = 1e-6
 _FAST_MAX_RATIO = 1e3
 
 
-def batched_factor_svd(up: torch.Tensor, down: torch.Tensor, caps: list[int], noise: float
-                       ) -> tuple[list[FactorSVD | None], list[float]]:
-    """:func:`factor_svd` for B modules of one shape at once: up (B, out, R), down (B, R, K).
+_ITEMSIZE: dict[torch.dtype, int] = {}
+
+
+class Scratch:
+    """Reusable memory for one worker's batches, by slot name, grown as needed.
+
+    A fresh tensor of tens of MB costs a page fault per 4 KiB on first touch, which makes filling
+    it 2–3× slower than a copy into memory already touched, and page faults of several threads
+    serialize in the kernel. A merge makes one per worker thread and drops it at the end.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self._buffers: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def take(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+             device: torch.device | str | None = None) -> torch.Tensor:
+        """An uninitialised contiguous tensor; a later ``take`` of the same slot reuses its memory."""
+        device = self.device if device is None else torch.device(device)
+        if dtype not in _ITEMSIZE:  # dtype.itemsize needs torch ≥ 2.1
+            _ITEMSIZE[dtype] = torch.empty(0, dtype=dtype).element_size()
+        nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+        key = (slot, device)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < nbytes:
+            # 64-byte multiples keep every view as aligned as a fresh tensor (same products, same bytes)
+            buffer = self._buffers[key] = torch.empty(-(-nbytes // 64) * 64, dtype=torch.uint8, device=device)
+        return buffer[:nbytes].view(dtype).view(shape)
+
+
+@dataclass
+class BatchedSVD:
+    """The singular values of B modules' ΔW = up @ down (see :func:`batched_svd`); vectors on demand."""
+
+    values: torch.Tensor  # (B, R) float64, descending; rows of declined modules are meaningless
+    floors: list[float]  # each module's noise floor; infinite where the Grams overflowed (or hold NaN/Inf)
+    accepted: list[int]  # the modules the fast route vouches for, in batch order
+    kept: list[int]  # per accepted module: min(cap, values above its floor), at least 1
+    _parts: tuple = ()  # up, down, core, Lᵤ, L_d, right vectors, column scales of the accepted modules
+
+    def vectors(self, k: int, scratch: Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(left, right) of the accepted modules: (A, out, k) orthonormal columns, (A, k, K) orthonormal rows."""
+        up, down, core, lu, ld, right_vectors, up_scale, down_scale = self._parts
+        w_k = right_vectors[:, :, :k]
+        sigma = self.values[self.accepted][:, :k].clamp_min(torch.finfo(torch.float64).tiny)
+        p_k = (core @ w_k) / sigma[:, None, :]  # left singular vectors of the core
+        to_left = torch.linalg.solve_triangular(lu.mT, p_k, upper=True)
+        to_right = torch.linalg.solve_triangular(ld.mT, w_k, upper=True)
+        if up_scale is not None:  # the column scales move into the small solves
+            to_left, to_right = up_scale[:, :, None] * to_left, down_scale[:, :, None] * to_right
+        to_left, to_right = to_left.to(up.device, up.dtype), to_right.to(down.device, down.dtype).mT
+        if scratch is None or up.dtype != torch.float32:
+            return up @ to_left, to_right @ down
+        left = torch.matmul(up, to_left, out=scratch.take("left", (up.shape[0], up.shape[1], k)))
+        right = torch.matmul(to_right, down, out=scratch.take("right", (down.shape[0], k, down.shape[2])))
+        return left, right
+
+
+def batched_svd(up: torch.Tensor, down: torch.Tensor, caps: list[int], noise: float,
+                column_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> BatchedSVD:
+    """:func:`factor_svd` for B modules of one shape at once, up (B, out, R), down (B, R, K): the values.
 
     The Grams are formed in float32 (8× cheaper than float64 with its conversions); their
     Cholesky factors, and the eigendecomposition of each small core's Gram CᵀC (C = Lᵤᵀ L_d: its
@@ -177,18 +235,28 @@ def batched_factor_svd(up: torch.Tensor, down: torch.Tensor, caps: list[int], no
     ill-conditioned or the kept spectrum spans far, so each module's error on its kept singular
     values is estimated from what the batch computed — ε₃₂ · σ₁/σₖ · max(1, d/30), d the largest
     ratio of a Cholesky diagonal (an upper bound, checked against float64 references over stacks
-    of condition 1…10⁴) — and a module over :data:`FAST_TOLERANCE` gets None: the caller runs
-    :func:`factor_svd` (float64 Grams) for it. ``caps[b]``: the most vectors module b may keep.
-    Each module's noise floor is ``noise`` · ‖U‖_F‖D‖_F (≥ ‖ΔW‖_F, from the Grams' traces); kept
-    are min(cap, values above it). Returns the SVDs (vectors for the top max-kept values) and the
-    floors, infinite where the Grams overflowed.
+    of condition 1…10⁴) — and a module over :data:`FAST_TOLERANCE` is not accepted: the caller
+    runs :func:`factor_svd` (float64 Grams) for it. ``caps[b]``: the most vectors module b may
+    keep. Each module's noise floor is ``noise`` · ‖U‖_F‖D‖_F (≥ ‖ΔW‖_F, from the Grams'
+    traces); kept are min(cap, values above it). The traces also tell NaN/Inf in the factors
+    (they propagate into the column sums of squares): then every floor is infinite and nothing is
+    accepted, and the caller finds the culprit.
+
+    ``column_scales`` (B, R) float64 (for up's columns, for down's rows): ΔW = (up·Sᵤ) @ (S_d·down),
+    applied to the small Grams and solves rather than to the factors themselves (no pass over them).
     """
     gu = (up.mT @ up).double().cpu()  # the small decompositions run on the CPU (see factor_svd)
     gd = (down @ down.mT).double().cpu()
+    if column_scales is not None:
+        su, sd = column_scales
+        gu = su[:, :, None] * gu * su[:, None, :]
+        gd = sd[:, :, None] * gd * sd[:, None, :]
     bound = (gu.diagonal(dim1=-2, dim2=-1).sum(-1) * gd.diagonal(dim1=-2, dim2=-1).sum(-1)).sqrt()
     floors = [noise * b if math.isfinite(b) else math.inf for b in bound.tolist()]
+    empty = torch.zeros(up.shape[0], 0, dtype=torch.float64)
     if not all(math.isfinite(f) for f in floors):  # overflowed factors: nothing to decompose
-        return [None] * up.shape[0], floors
+        return BatchedSVD(empty, floors, [], [])
+    scales = column_scales if column_scales is not None else (None, None)
     lu, info_u = torch.linalg.cholesky_ex(gu)
     ld, info_d = torch.linalg.cholesky_ex(gd)
     core = lu.mT @ ld
@@ -199,11 +267,11 @@ def batched_factor_svd(up: torch.Tensor, down: torch.Tensor, caps: list[int], no
     ratio_u = (diag_u.max(-1).values / diag_u.min(-1).values).tolist()
     ratio_d = (diag_d.max(-1).values / diag_d.min(-1).values).tolist()
     usable = ((info_u == 0) & (info_d == 0) & (diag_u.min(-1).values > 0) & (diag_d.min(-1).values > 0)).tolist()
-    above = (values > torch.tensor(floors, dtype=values.dtype).nan_to_num(posinf=math.inf)[:, None]).sum(-1).tolist()
+    above = (values > torch.tensor(floors, dtype=values.dtype)[:, None]).sum(-1).tolist()
     rows = values.tolist()
     accepted, kept = [], []
     for b in range(up.shape[0]):
-        ratio = max(ratio_u[b], ratio_d[b]) if usable[b] and math.isfinite(floors[b]) else math.inf
+        ratio = max(ratio_u[b], ratio_d[b]) if usable[b] else math.inf
         k = min(caps[b], above[b])
         if ratio > _FAST_MAX_RATIO:
             continue
@@ -211,22 +279,23 @@ def batched_factor_svd(up: torch.Tensor, down: torch.Tensor, caps: list[int], no
             continue
         accepted.append(b)
         kept.append(max(k, 1))
-    results: list[FactorSVD | None] = [None] * up.shape[0]
-    if not accepted:
-        return results, floors
-    k = max(kept)
-    if len(accepted) < up.shape[0]:  # only then copy the accepted modules out of the batch
+    parts = (up, down, core, lu, ld, right_vectors, *scales)
+    if accepted and len(accepted) < up.shape[0]:  # only then copy the accepted modules out of the batch
         index = torch.tensor(accepted)
         on_device = index.to(up.device)
-        up, down, core, lu, ld, values, right_vectors = (
-            up[on_device], down[on_device], core[index], lu[index], ld[index], values[index], right_vectors[index])
-    w_k = right_vectors[:, :, :k]
-    sigma = values[:, :k].clamp_min(torch.finfo(torch.float64).tiny)
-    p_k = (core @ w_k) / sigma[:, None, :]  # left singular vectors of the core
-    to_left = torch.linalg.solve_triangular(lu.mT, p_k, upper=True)
-    to_right = torch.linalg.solve_triangular(ld.mT, w_k, upper=True)
-    left = up @ to_left.to(up.device, up.dtype)
-    right = to_right.to(down.device, down.dtype).mT @ down
-    for i, b in enumerate(accepted):
-        results[b] = FactorSVD(left=left[i], values=values[i], right=right[i])
-    return results, floors
+        parts = (up[on_device], down[on_device], core[index], lu[index], ld[index], right_vectors[index],
+                 *(None if t is None else t[index] for t in scales))
+    return BatchedSVD(values, floors, accepted, kept, parts)
+
+
+def batched_factor_svd(up: torch.Tensor, down: torch.Tensor, caps: list[int], noise: float
+                       ) -> tuple[list[FactorSVD | None], list[float]]:
+    """:func:`batched_svd` with the vectors: each module's SVD (vectors for the top max-kept
+    values), None where the fast route declined, and the floors."""
+    batch = batched_svd(up, down, caps, noise)
+    results: list[FactorSVD | None] = [None] * up.shape[0]
+    if batch.accepted:
+        left, right = batch.vectors(max(batch.kept))
+        for i, b in enumerate(batch.accepted):
+            results[b] = FactorSVD(left=left[i], values=batch.values[b], right=right[i])
+    return results, batch.floors

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,14 +26,15 @@ from ..lycoris import algorithm_label, is_lycoris, network_dim
 from ..model import LoraModel, LoraModule, NetworkModule, is_text_encoder, validate_values
 from ..runtime import torch_threads
 from .lowrank import (
+    BatchedSVD,
     FactorSVD,
-    batched_factor_svd,
+    Scratch,
+    batched_svd,
     clamp_factors,
     compact_factors,
     factor_svd,
     kron_svd,
     rank_for_threshold,
-    split_factors,
 )
 from .verify import Verification
 
@@ -255,11 +257,15 @@ def merge_loras(inputs: Sequence[MergeInput], options: MergeOptions,
         return [_Part(inp.lora.name, inp.lora.modules[name], inp.strength(name))
                 for inp in inputs if name in inp.lora.modules]
 
+    per_thread = threading.local()  # each worker's Scratch: dropped with this call
+
     def work(unit: list[str]) -> list[_Outcome]:
         if method is not None:  # per module: its coefficients or new factors come from its own inputs
             return [method.merge_module(n, options, rank_cap, device) for n in unit]
         if len(unit) > 1 or _batchable(parts_of(unit[0]), options):
-            return _merge_batch(unit, [parts_of(n) for n in unit], options, rank_cap, device)
+            if not hasattr(per_thread, "scratch"):
+                per_thread.scratch = Scratch(device)
+            return _merge_batch(unit, [parts_of(n) for n in unit], options, rank_cap, device, per_thread.scratch)
         return [_merge_module(unit[0], parts_of(unit[0]), options, rank_cap, device)]
 
     outcomes: dict[str, _Outcome] = {}
@@ -540,22 +546,49 @@ def _svd(name: str, parts: list[_Part], ref: NetworkModule, options: MergeOption
 def _truncated(name: str, svd: FactorSVD, floor: float, cap: int, ref: NetworkModule,
                options: MergeOptions) -> _Outcome:
     """The output module from a module's SVD: rank from the cap, the noise floor and the threshold."""
-    values = svd.values
-    significant = int((values > floor).sum())
-    if significant == 0:
+    k = _kept_rank(name, svd.values, int((svd.values > floor).sum()), cap, options)
+    if k == 0:
         return _Outcome(None, "ΔW is zero")
+    return _factor_outcome(name, ref, svd.left, svd.right, svd.values, k, options)
+
+
+def _kept_rank(name: str, values: torch.Tensor, significant: int, cap: int, options: MergeOptions) -> int:
+    """How many of a module's singular values the output keeps (0: ΔW is zero): at most ``cap`` and the
+    ``significant`` ones above the noise floor, fewer by --threshold or a rank policy."""
+    if significant == 0:
+        return 0
     cap = min(cap, significant)
     if options.rank_policy is not None:
-        k = min(cap, max(1, options.rank_policy(name, values[:significant])))
-    else:
-        k = cap if options.threshold is None else min(cap, max(1, rank_for_threshold(values, options.threshold)))
-    new_up, new_down = split_factors(svd, k)
+        return min(cap, max(1, options.rank_policy(name, values[:significant])))
+    return cap if options.threshold is None else min(cap, max(1, rank_for_threshold(values, options.threshold)))
+
+
+def _factor_outcome(name: str, ref: NetworkModule, left: torch.Tensor, right: torch.Tensor, values: torch.Tensor,
+                    k: int, options: MergeOptions) -> _Outcome:
+    """The rank-k output module from singular vectors (left: out × ≥k, right: ≥k × K) and values, √σ on each side."""
+    root = values[:k].sqrt().to(left.device, left.dtype)
     if options.clamp is not None:
-        new_up, new_down = clamp_factors(new_up, new_down, options.clamp)
-    energy = svd.energy
+        new_up, new_down = clamp_factors(left[:, :k] * root, root[:, None] * right[:k], options.clamp)
+        module = _output_module(name, ref, new_up, new_down, float(k), options.dtype)
+    else:  # scaled straight into the output dtype: no float32 copy of the factors on the way
+        new_up = _scaled_cast(left[:, :k], root, options.dtype, name)
+        new_down = _scaled_cast(right[:k], root[:, None], options.dtype, name)
+        module = _output_module(name, ref, new_up, new_down, float(k), options.dtype)
+    energy = float((values**2).sum())
     kept = float((values[:k] ** 2).sum() / energy)
-    return _Outcome(_output_module(name, ref, new_up, new_down, float(k), options.dtype), energy=kept,
-                    target_energy=energy)
+    return _Outcome(module, energy=kept, target_energy=energy)
+
+
+def _scaled_cast(factor: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """``_cast(factor * scale, dtype, name)`` in one pass, on the CPU: the product is rounded to float32 and
+    then to ``dtype``, as there, so the bytes are the same."""
+    if factor.device.type != "cpu":
+        return _cast(factor * scale, dtype, name)
+    out = torch.empty(factor.shape, dtype=dtype)
+    torch.mul(factor, scale, out=out)
+    if dtype != factor.dtype and not all_finite(out):
+        _cast(factor * scale, dtype, name)  # raises, telling range from overflow
+    return out
 
 
 # ---- batches: svd of many plain-LoRA modules of one shape through batched linear algebra -----------
@@ -576,70 +609,137 @@ def _batchable(parts: list[_Part], options: MergeOptions) -> bool:
 
 
 def _work_units(names: list[str], parts_of: Callable[[str], list[_Part]], options: MergeOptions) -> list[list[str]]:
-    """Batches of modules with the same (out, in·k·k, stacked rank), bounded in bytes; single modules otherwise."""
-    groups: dict[tuple[int, int, int], list[str]] = {}
+    """Batches of modules with the same (out, in·k·k) and the same ranks and dtypes of their inputs' factors,
+    bounded in bytes; single modules otherwise."""
+    groups: dict[tuple, list[str]] = {}
     units: list[list[str]] = []
     for name in names:
         parts = parts_of(name)
         if not _batchable(parts, options):
             units.append([name])
             continue
-        live = [p for p in parts if p.strength != 0.0]
-        out, flat = live[0].module.weight_shape[0], math.prod(live[0].module.weight_shape[1:])
-        groups.setdefault((out, flat, sum(p.module.rank for p in live)), []).append(name)
-    for (out, flat, rank), members in groups.items():
+        live = [p.module for p in parts if p.strength != 0.0]
+        out, flat = live[0].weight_shape[0], math.prod(live[0].weight_shape[1:])
+        factors = tuple((m.rank, m.up.dtype, m.down.dtype, m.mid is None) for m in live)
+        groups.setdefault((out, flat, factors), []).append(name)
+    for (out, flat, factors), members in groups.items():
+        rank = sum(f[0] for f in factors)
         size = max(1, min(BATCH_MAX, BATCH_BYTES // ((out + flat) * rank * 4)))
         units += [members[i:i + size] for i in range(0, len(members), size)]
     return units
 
 
+def _read_factors(modules: list[LoraModule], ups: torch.Tensor, downs: torch.Tensor, scratch: Scratch) -> None:
+    """One input position of a batch: module b's factor matrices copied (as float32) into ``ups[b]`` and
+    ``downs[b]``, NaN/Inf unchecked (the batch's Grams tell them). Lazily read modules are read into the
+    worker's staging memory (the file's dtype), then converted into the batch by one copy per side."""
+    first = modules[0]
+    out, rank = first.out_features, first.rank
+    stage_up = scratch.take("file-up", (len(modules), out, rank), first.up.dtype, "cpu")
+    stage_down = scratch.take("file-down", (len(modules), rank, downs.shape[2]), first.down.dtype, "cpu")
+    direct = [b for b, m in enumerate(modules)  # a Tucker down is not (rank, in·k·k): never staged
+              if m.mid is not None or not m.load_into(stage_up[b].view(m.up.shape), stage_down[b].view(m.down.shape))]
+    if len(direct) < len(modules):
+        ups.copy_(stage_up)
+        downs.copy_(stage_down)
+    for b in direct:  # in memory already, or Tucker
+        module = modules[b].load(check_values=False)
+        if module.mid is None:
+            ups[b].copy_(module.up.reshape(out, rank))
+            downs[b].copy_(module.down.reshape(rank, -1))
+        else:
+            u, d = module.factor_matrices(torch.float32, ups.device)
+            ups[b].copy_(u)
+            downs[b].copy_(d)
+
+
 def _merge_batch(names: list[str], parts: list[list[_Part]], options: MergeOptions, rank_cap: int | None,
-                 device: torch.device) -> list[_Outcome]:
+                 device: torch.device, scratch: Scratch | None = None) -> list[_Outcome]:
     """svd-merge modules of one shape together; a module the fast route cannot vouch for goes the float64 way.
 
-    The factors are written straight into the batch tensors (scaled, balanced as in :func:`_stack`).
+    The factors are read into the batch tensors as they are, in ``scratch`` memory (a worker's, reused
+    batch after batch); their strengths and scales are applied by :func:`batched_svd`, to the small Grams.
     """
-    refs, notes, caps, loaded = [], [], [], []
-    ups = downs = None
-    for b, (name, module_parts) in enumerate(zip(names, parts, strict=True)):
-        live = [p for p in module_parts if p.strength != 0.0]
-        notes.append(_check_shapes(name, live))
-        refs.append(next((p.module for p in live if _shape_known(p.module)), live[0].module))
-        offset = 0
-        for p in live:
-            module = p.module.load(check_values=False)  # NaN/Inf: checked for the whole batch below
-            loaded.append(module)
-            out, rank_p = module.out_features, module.rank
-            if ups is None:
-                rank = sum(q.module.rank for q in live)
-                ups = torch.empty(len(names), out, rank, device=device)
-                downs = torch.empty(len(names), rank, math.prod(module.weight_shape[1:]), device=device)
-            up_slot, down_slot = ups[b, :, offset:offset + rank_p], downs[b, offset:offset + rank_p]
-            if module.mid is None:  # convert straight into the batch, then scale there
-                up_slot.copy_(module.up.reshape(out, rank_p))
-                down_slot.copy_(module.down.reshape(rank_p, -1))
-            else:
-                u, d = module.factor_matrices(torch.float32, device)
-                up_slot.copy_(u)
-                down_slot.copy_(d)
-            root = math.sqrt(abs(p.scale))
-            up_slot.mul_(math.copysign(root, p.scale))
-            down_slot.mul_(root)
-            offset += rank_p
-        caps.append(min(rank_cap or offset, ups.shape[1], downs.shape[2], offset))
-    if not (all_finite(ups) and all_finite(downs)):
-        for module in loaded:  # a factor of a file holds NaN/Inf: validate_values names file and module
-            validate_values(module, module.source)
-        raise _overflow(next(n for b, n in enumerate(names) if not (all_finite(ups[b]) and all_finite(downs[b]))))
-    stacked = ups.shape[2]
-    svds, floors = batched_factor_svd(ups, downs, caps, _NOISE * stacked)
+    scratch = scratch or Scratch(device)
+    lives = [[p for p in module_parts if p.strength != 0.0] for module_parts in parts]
+    first = [p.module for p in lives[0]]  # every module of a batch has factors of these ranks (_work_units)
+    out, flat = first[0].out_features, math.prod(first[0].weight_shape[1:])
+    ranks_in = [m.rank for m in first]
+    stacked = sum(ranks_in)
+    ups = scratch.take("up", (len(names), out, stacked))
+    downs = scratch.take("down", (len(names), stacked, flat))
+    offsets = [sum(ranks_in[:j]) for j in range(len(ranks_in))]
+    for j, (offset, rank) in enumerate(zip(offsets, ranks_in, strict=True)):
+        _read_factors([live[j].module for live in lives], ups[:, :, offset:offset + rank],
+                      downs[:, offset:offset + rank], scratch)
+    up_scale, down_scale = [], []
+    for live in lives:  # balanced as in _stack, applied by batched_svd
+        roots = [math.sqrt(abs(p.scale)) for p in live]
+        up_scale.append([math.copysign(r, p.scale) for r, p in zip(roots, live, strict=True) for _ in range(p.module.rank)])
+        down_scale.append([r for r, p in zip(roots, live, strict=True) for _ in range(p.module.rank)])
+    notes = [_check_shapes(name, live) for name, live in zip(names, lives, strict=True)]
+    refs = [next((p.module for p in live if _shape_known(p.module)), live[0].module) for live in lives]
+    caps = [min(rank_cap or stacked, out, flat, stacked)] * len(names)
+    loaded = [p.module for live in lives for p in live]
+    scales = torch.tensor(up_scale, dtype=torch.float64), torch.tensor(down_scale, dtype=torch.float64)
+    batch = batched_svd(ups, downs, caps, _NOISE * stacked, scales)
+    if not all(math.isfinite(f) for f in batch.floors):
+        if not (all_finite(ups) and all_finite(downs)):
+            for module in loaded:  # a factor of a file holds NaN/Inf: validate_values names file and module
+                validate_values(module.load(check_values=False), module.source)
+        raise _overflow(next(n for n, f in zip(names, batch.floors, strict=True) if not math.isfinite(f)))
+    ranks = {}
+    if batch.accepted:
+        floors = torch.tensor([batch.floors[b] for b in batch.accepted], dtype=torch.float64)
+        significant = (batch.values[batch.accepted] > floors[:, None]).sum(-1).tolist()
+        for b, count in zip(batch.accepted, significant, strict=True):
+            ranks[b] = _kept_rank(names[b], batch.values[b], count, caps[b], options)
+    split = _split_batch(names, batch, ranks, options, scratch) if any(ranks.values()) else {}
     outcomes = []
-    for b, (name, svd, ref, note) in enumerate(zip(names, svds, refs, notes, strict=True)):
-        if not math.isfinite(floors[b]):
-            raise _overflow(name)
-        if svd is None:
-            svd = factor_svd(*compact_factors(ups[b], downs[b]), caps[b])
-        outcome = _truncated(name, svd, floors[b], caps[b], ref, options)
+    for b, (name, ref, note) in enumerate(zip(names, refs, notes, strict=True)):
+        if b not in ranks:  # the float64 route, on the scaled factors
+            up, down = ups[b] * scales[0][b].to(ups), scales[1][b].to(downs)[:, None] * downs[b]
+            svd = factor_svd(*compact_factors(up, down), caps[b])
+            outcome = _truncated(name, svd, batch.floors[b], caps[b], ref, options)
+        elif ranks[b] == 0:
+            outcome = _Outcome(None, "ΔW is zero")
+        else:
+            outcome = split[b]
+            outcome.module = _output_module(name, ref, *outcome.module, float(ranks[b]), options.dtype)
         outcome.notes = note + outcome.notes
         outcomes.append(outcome)
     return outcomes
+
+
+def _split_batch(names: list[str], batch: BatchedSVD, ranks: dict[int, int], options: MergeOptions,
+                 scratch: Scratch | None) -> dict[int, _Outcome]:
+    """The accepted modules' rank-k factors, √σ on each side, in the output dtype: a few batched products and
+    one scaled cast per side for the whole batch (:func:`_factor_outcome` for one module). The outcomes
+    hold (up, down) in place of the module, for the caller to shape."""
+    k = max(ranks.values())
+    left, right = batch.vectors(k, scratch)
+    values = batch.values[batch.accepted]
+    roots = values[:, :k].sqrt().to(left.device, left.dtype)
+    energy = (values**2).sum(-1)
+    kept_rank = torch.tensor([max(ranks[b], 1) for b in batch.accepted])
+    kept = ((values**2).cumsum(-1).gather(1, (kept_rank - 1)[:, None])[:, 0] / energy).tolist()
+    # singular vectors have entries of at most 1: √σ₁ within the dtype's range means no value can overflow
+    direct = options.clamp is None and left.device.type == "cpu" and \
+        float(values[:, 0].max()) ** 0.5 < torch.finfo(options.dtype).max / 2
+    if direct:  # straight into the output dtype, no check needed
+        ups = torch.mul(left, roots[:, None, :], out=torch.empty(left.shape, dtype=options.dtype))
+        downs = torch.mul(right, roots[:, :, None], out=torch.empty(right.shape, dtype=options.dtype))
+    else:  # clamped and cast module by module (_cast tells range from overflow)
+        ups, downs = left * roots[:, None, :], roots[:, :, None] * right
+    split = {}
+    for i, (b, energy_b, kept_b) in enumerate(zip(batch.accepted, energy.tolist(), kept, strict=True)):
+        r = ranks[b]
+        if r == 0:
+            continue
+        up, down = ups[i, :, :r], downs[i, :r]
+        if options.clamp is not None:
+            up, down = clamp_factors(up, down, options.clamp)
+        if not direct:
+            up, down = _cast(up, options.dtype, names[b]), _cast(down, options.dtype, names[b])
+        split[b] = _Outcome((up.contiguous(), down), energy=kept_b, target_energy=energy_b)
+    return split

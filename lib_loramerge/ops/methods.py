@@ -48,12 +48,8 @@ from ..model import LoraModule
 from . import inner
 from .lowrank import FactorSVD, _cholesky
 from .merge import _NOISE, MergeInput, MergeOptions, _check_shapes, _merge_module, _Outcome, _Part, _shape_known, _truncated
+from .method_names import CORE_METHODS, DENSE_METHODS, LINEAR_METHODS, METHODS, NORM_KINDS, family
 
-METHODS = ("sum", "slerp", "karcher", "perpendicular", "norm", "ties", "dare", "ties-dense", "dare-dense")
-LINEAR_METHODS = ("slerp", "karcher", "perpendicular", "norm")  # a linear combination of the inputs: any mode
-CORE_METHODS = ("ties", "dare")  # aligned core space
-DENSE_METHODS = ("ties-dense", "dare-dense")
-NORM_KINDS = ("frobenius", "spectral")
 NORM_TARGETS = ("mean", "max", "min")
 DEFAULT_DENSITY = {"ties": 0.2, "dare": 0.5}  # TIES paper's k = 20 %; DARE: drop half
 # |cos θ| above this: A and B are (anti)parallel, sin θ is rounding noise, so slerp is lerp
@@ -62,11 +58,6 @@ CORE_NOISE = 1e-12  # core space: singular values below this multiple of Σ‖U�
 SPAN_RTOL = 1e-10  # core space: joint singular values below this fraction of the largest are null directions
 KARCHER_STEPS = 100  # the Karcher iteration converges in a handful of steps for updates less than π/2 apart
 KARCHER_TOLERANCE = 1e-12  # stop when the Riemannian gradient's norm is below this (unit sphere)
-
-
-def family(method: str) -> str:
-    """``ties``/``dare`` for their core and dense variants alike."""
-    return method.removesuffix("-dense")
 
 
 @dataclass
@@ -421,25 +412,6 @@ def dense_merge(pairs: Sequence[inner.Pair], method: str, density: float,
 
 
 # ---- command line -----------------------------------------------------------------------------------
-
-def add_method_args(p) -> None:
-    """``--method`` and its parameters on an argparse parser (the merge command)."""
-    p.add_argument("--method", choices=METHODS, default="sum",
-                   help="how the inputs combine, per module: sum (default: Σ strength·ΔW); slerp (two LoRAs, --t); karcher "
-                        "(spherical mean of N); "
-                        "perpendicular (the first plus the others' parts orthogonal to it); norm (each rescaled to "
-                        "--norm-target before summing); ties / dare (--density; dare: --seed) in the aligned core "
-                        "space, exact; ties-dense / dare-dense: element-wise on the dense ΔW (slow)")
-    p.add_argument("--t", type=float, help="slerp: 0 = the first LoRA, 1 = the second (default 0.5)")
-    p.add_argument("--norm", dest="norm_kind", choices=NORM_KINDS,
-                   help="norm: which norm to equalise (default frobenius; spectral = the largest singular value)")
-    p.add_argument("--norm-target", metavar="T",
-                   help="norm: mean, max, min (of the inputs' norms, per module) or a positive number (default mean)")
-    p.add_argument("--density", type=float, metavar="D",
-                   help="ties/dare: fraction of entries kept, 0 < D ≤ 1 (default: ties 0.2, dare 0.5)")
-    p.add_argument("--seed", type=int, metavar="N", help="dare: seed of the random drop (default: a fresh one, "
-                                                          "recorded in the recipe)")
-
 
 def method_from_args(args) -> MethodSpec | None:
     """The MethodSpec of parsed merge arguments (None for the weighted sum); parameters a method does

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import gradio as gr
 
 from ..formats.metadata import MODES as METADATA_MODES
-from ..ops.methods import METHODS
+from ..ops.method_names import METHODS
 from . import handlers
 from .handlers import NO_BLOCK_WEIGHTS, BakeRequest, ChartRows, LoraRow, MergeRequest
 from .host import Host
