@@ -114,11 +114,17 @@ def _input_specs(args: argparse.Namespace, notes: list[str]) -> list:
             for p, u, t, w in zip(args.models, unet, te, lbws, strict=True)]
 
 
-def _cmd_merge(args: argparse.Namespace) -> int:
+def _early_hashes(args: argparse.Namespace, checkpoint: Path | None = None) -> tuple:
+    """Start hashing the inputs (for the recipe) now, before torch is imported: the import keeps one core
+    busy for a second or so, and the hashes take the other. (LoRAs named by --prompt are found later.)"""
     from .formats.hashing import BackgroundHashes
 
-    # the inputs' hashes (for the recipe) start now, on the core that importing torch leaves idle
-    early = BackgroundHashes([Path(m) for m in args.models]) if args.models and args.prompt is None else None
+    loras = BackgroundHashes([Path(m) for m in args.models]) if args.models and args.prompt is None else None
+    return loras, None if checkpoint is None else BackgroundHashes([checkpoint], whole=True)
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    early, _ = _early_hashes(args)
     from .blocks.presets import load_presets
     from .formats.writer import parse_dtype
     from .jobs import check_output, merge_to_file, prepare_inputs
@@ -168,6 +174,7 @@ def _is_flux_checkpoint(path: str) -> bool:
 
 
 def _cmd_bake(args: argparse.Namespace) -> int:
+    early, early_checkpoint = _early_hashes(args, Path(args.checkpoint))
     from .blocks.presets import load_presets
     from .formats.tensorfile import check_input_path
     from .formats.writer import parse_dtype
@@ -191,7 +198,8 @@ def _cmd_bake(args: argparse.Namespace) -> int:
     try:
         job = bake_to_file(args.checkpoint, inputs, args.out, dtype=dtype, device=device, overwrite=args.overwrite,
                            allow_unmatched=args.allow_unmatched, progress=progress, notes=notes,
-                           semantics=args.semantics, verify=args.verify)
+                           semantics=args.semantics, verify=args.verify, hashes=early,
+                           checkpoint_hash=early_checkpoint)
     finally:
         progress.close()
     if args.json:

@@ -265,7 +265,8 @@ def bake_to_file(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], ou
                  dtype: torch.dtype | None = torch.float16, device: str = "cpu", overwrite: bool = False,
                  allow_unmatched: bool = False, progress: Progress | None = None,
                  notes: Sequence[str] = (), semantics: str = "a1111", source: str | None = None,
-                 verify: bool = False) -> BakeJob:
+                 verify: bool = False, hashes: BackgroundHashes | None = None,
+                 checkpoint_hash: BackgroundHashes | None = None) -> BakeJob:
     """Bake the inputs into ``checkpoint`` and write ``out`` atomically, with a recipe in its metadata.
 
     The checkpoint's own metadata is kept; ``sd_merge_recipe``/``sd_merge_models`` are written in the
@@ -273,13 +274,14 @@ def bake_to_file(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], ou
     beside the checkpoint (``NAME.yaml``: v-prediction SD2 and the like) is copied to the output's name.
     ``semantics``: the WebUI whose DoRA rule the bake follows (recorded in the recipe); ``source``:
     where the recipe came from when not the command line (e.g. ``"live bake"``), recorded too;
-    ``verify``: re-read and recompute every patched tensor before the file takes its name.
+    ``verify``: re-read and recompute every patched tensor before the file takes its name;
+    ``hashes``, ``checkpoint_hash``: the LoRAs' and the checkpoint's hashing, if already started.
     """
     notes = list(notes)
     out = start_output(out, overwrite, notes)
     ckpt = Path(checkpoint)
     config = sidecar_config(ckpt, out, overwrite)
-    hashes = input_hashes([i.lora for i in inputs])
+    hashes = input_hashes([i.lora for i in inputs], hashes)
     hash_notes: list[str] = []
     legacy = legacy_model_hash(ckpt)
 
@@ -297,7 +299,8 @@ def bake_to_file(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], ou
 
     report, written = bake(ckpt, inputs, out, dtype=dtype, device=device, overwrite=overwrite,
                            allow_unmatched=allow_unmatched, progress=progress,
-                           metadata=recipe("0" * 64, final=False), finalize=recipe, semantics=semantics, verify=verify)
+                           metadata=recipe("0" * 64, final=False), finalize=recipe, semantics=semantics, verify=verify,
+                           checkpoint_hash=checkpoint_hash)
     report.notes[:0] = notes + hash_notes
     if config is not None:
         try:

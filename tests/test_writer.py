@@ -82,6 +82,28 @@ def test_hashes_are_computed_over_the_written_bytes(tmp_path, dtype):
     assert meta["sshs_model_hash"] == model and meta["sshs_legacy_hash"] == legacy
 
 
+def test_the_hash_thread_runs_behind_the_writes_and_stops_when_a_write_fails(tmp_path, monkeypatch):
+    """sha256 runs on its own thread at most BEHIND bytes after the writes: made tiny here, so the writer waits
+    for it tensor after tensor; the digest is still that of the data. A producer failing mid-file stops it."""
+    import threading
+
+    monkeypatch.setattr(safetensors_io._HashTap, "BEHIND", 1)
+    mods = make_modules("sd1", scope="locon", rank=8, only="down_blocks_[01]")
+    out = tmp_path / "h.safetensors"
+    meta = save_lora(mods, out, dtype=torch.float16, arch="sd1").metadata
+    assert meta["sshs_model_hash"] == hashlib.sha256(data_section(out)).hexdigest()
+
+    def boom():
+        raise RuntimeError("disk on fire")
+
+    specs = [safetensors_io.spec_of(f"t{i}", torch.full((1000,), float(i))) for i in range(5)]
+    specs.append(safetensors_io.TensorSpec("t9", torch.float32, (2,), boom))
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        safetensors_io.write_safetensors(tmp_path / "f.safetensors", specs, sshs=True)
+    assert not (tmp_path / "f.safetensors").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["h.safetensors"]
+    assert not [t for t in threading.enumerate() if t.name == "safetensors-hash"]
+
+
 def test_our_bytes_match_the_reference_writer(tmp_path):
     tensors = {"b": torch.arange(6, dtype=torch.float16).reshape(2, 3), "a": torch.ones(3),
                "c": torch.zeros(2, dtype=torch.bfloat16), "i": torch.arange(3)}

@@ -182,7 +182,8 @@ def bake(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], out: str |
          dtype: torch.dtype | None = torch.float16, device: str = "cpu", overwrite: bool = False,
          allow_unmatched: bool = False, progress: Progress | None = None,
          metadata: dict[str, str] | None = None, finalize: Callable[[str], dict[str, str]] | None = None,
-         semantics: str = "a1111", verify: bool = False) -> tuple[BakeReport, dict[str, str]]:
+         semantics: str = "a1111", verify: bool = False, checkpoint_hash: BackgroundHashes | None = None
+         ) -> tuple[BakeReport, dict[str, str]]:
     """Write ``checkpoint`` + the inputs' ΔW to ``out``; returns the report and the metadata written.
 
     ``dtype``: floating-point tensors are written in it (None: each keeps its own). ``metadata``
@@ -191,6 +192,7 @@ def bake(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], out: str |
     ``semantics``: whose DoRA rule to follow, ``"a1111"`` or ``"forge"`` (the WebUI that will run it).
     ``verify``: before the file takes its name, re-read every patched tensor and compare it with
     W + ΣΔW recomputed on the reference path (see :func:`check_patched`); a failure is an error.
+    ``checkpoint_hash``: the checkpoint's hashing, if already started (the CLI starts it early).
     """
     if semantics not in SEMANTICS:
         raise LoraMergeError(f"unknown semantics '{semantics}' (choose {' or '.join(SEMANTICS)})")
@@ -219,7 +221,8 @@ def bake(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], out: str |
                                  f"(first: {lora}: {module}: {why}); use --allow-unmatched to bake the rest")
         if not patches:
             raise LoraMergeError("no LoRA module matches a layer of this checkpoint; nothing to bake", tf.path)
-        hasher = BackgroundHashes([tf.path], whole=True)
+        early = checkpoint_hash is not None and checkpoint_hash.covers([tf.path], whole=True)
+        hasher = checkpoint_hash if early else BackgroundHashes([tf.path], whole=True)
         specs = _specs(tf, patches, dtype, dev, semantics)
         meta = {**tf.metadata, **(metadata or {})}
         late = (lambda: finalize(hasher.result())) if finalize else None

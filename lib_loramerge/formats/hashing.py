@@ -154,8 +154,8 @@ class BackgroundHashes(threading.Thread):
                 self.error = (path, e)
                 return
 
-    def covers(self, paths: Sequence[Path | None]) -> bool:
-        """Whether this hashes exactly ``paths`` (the same files, in order)."""
+    def covers(self, paths: Sequence[Path | None], whole: bool = False) -> bool:
+        """Whether this hashes exactly ``paths`` (the same files, in order) the ``whole`` way."""
         def same(a: Path | None, b: Path | None) -> bool:
             if a is None or b is None:
                 return a is b
@@ -163,7 +163,8 @@ class BackgroundHashes(threading.Thread):
                 return os.path.samefile(a, b)
             except OSError:
                 return False
-        return len(paths) == len(self.paths) and all(same(a, b) for a, b in zip(self.paths, paths, strict=True))
+        return whole == self.whole and len(paths) == len(self.paths) and \
+            all(same(a, b) for a, b in zip(self.paths, paths, strict=True))
 
     def result(self, i: int = 0) -> str:
         self.join()
