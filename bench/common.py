@@ -15,9 +15,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 _WRAPPER = """
-import runpy, sys, time
+import os, runpy, sys, time
 t = time.perf_counter()
 sys.argv = sys.argv[1:]
+
+def report():
+    # VmHWM is this process image's own peak (ru_maxrss would include the parent's at fork time)
+    hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+    print("BENCH", time.perf_counter() - t, hwm / 1024, file=sys.stderr, flush=True)
+
+real_exit = os._exit
+def _exit(code):  # a program that skips the interpreter's teardown still reports
+    report()
+    real_exit(code)
+os._exit = _exit
 code = 0
 try:
     if sys.argv[0].endswith(".py"):
@@ -26,9 +37,7 @@ try:
         runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 except SystemExit as e:
     code = e.code or 0
-# VmHWM is this process image's own peak (ru_maxrss would include the parent's at fork time)
-hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print("BENCH", time.perf_counter() - t, hwm / 1024, file=sys.stderr)
+report()
 sys.exit(code)
 """
 

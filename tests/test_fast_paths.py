@@ -13,7 +13,7 @@ from synth import make_modules, write_kohya
 from lib_loramerge.cli import main
 from lib_loramerge.formats import hashing, safetensors_io
 from lib_loramerge.ops import merge as merge_mod
-from lib_loramerge.ops.lowrank import FAST_TOLERANCE, Scratch, batched_factor_svd, batched_svd, factor_svd
+from lib_loramerge.ops.lowrank import FAST_TOLERANCE, Scratch, batched_svd, factor_svd
 from lib_loramerge.synthetic import write_random_checkpoint
 
 
@@ -33,16 +33,17 @@ def test_batched_svd_matches_the_float64_route_and_declines_ill_conditioned_stac
     gen = torch.Generator().manual_seed(7)
     pairs = [_stack(96, 160, 12, kappa, gen) for kappa in (1, 3, 10, 1e5)]
     ups, downs = torch.stack([u for u, _ in pairs]), torch.stack([d for _, d in pairs])
-    svds, floors = batched_factor_svd(ups, downs, [6] * 4, 1e-7 * 12)
-    assert all(math.isfinite(f) and f > 0 for f in floors)
-    assert svds[3] is None  # condition 1e5 on both sides: the fast route cannot vouch for it
-    for (up, down), svd in zip(pairs[:3], svds[:3], strict=True):
-        assert svd is not None
+    batch = batched_svd(ups, downs, [6] * 4, 1e-7 * 12)
+    assert all(math.isfinite(f) and f > 0 for f in batch.floors)
+    assert batch.accepted == [0, 1, 2]  # condition 1e5 on both sides: the fast route cannot vouch for the last
+    lefts, rights = batch.vectors(6)
+    for i, (up, down) in enumerate(pairs[:3]):
+        values, left, right = batch.values[i], lefts[i], rights[i]
         truth = torch.linalg.svdvals(up.double() @ down.double())
         reference = factor_svd(up, down, 6)
-        assert float(((svd.values[:6] - truth[:6]).abs() / truth[:6]).max()) <= FAST_TOLERANCE
-        assert torch.allclose(svd.values, reference.values, rtol=1e-5, atol=1e-9 * float(truth[0]))
-        rebuilt = (svd.left[:, :6].double() * svd.values[:6]) @ svd.right[:6].double()
+        assert float(((values[:6] - truth[:6]).abs() / truth[:6]).max()) <= FAST_TOLERANCE
+        assert torch.allclose(values, reference.values, rtol=1e-5, atol=1e-9 * float(truth[0]))
+        rebuilt = (left.double() * values[:6]) @ right.double()
         error = float((up.double() @ down.double() - rebuilt).norm())
         optimal = float(truth[6:].square().sum().sqrt())  # Eckart–Young: no rank-6 matrix does better
         assert error <= optimal * (1 + 1e-6) + 1e-6 * float(truth[0])

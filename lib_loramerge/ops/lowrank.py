@@ -203,7 +203,6 @@ class BatchedSVD:
     values: torch.Tensor  # (B, R) float64, descending; rows of declined modules are meaningless
     floors: list[float]  # each module's noise floor; infinite where the Grams overflowed (or hold NaN/Inf)
     accepted: list[int]  # the modules the fast route vouches for, in batch order
-    kept: list[int]  # per accepted module: min(cap, values above its floor), at least 1
     _parts: tuple = ()  # up, down, core, Lᵤ, L_d, right vectors, column scales of the accepted modules
 
     def vectors(self, k: int, scratch: Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,8 +236,8 @@ def batched_svd(up: torch.Tensor, down: torch.Tensor, caps: list[int], noise: fl
     ratio of a Cholesky diagonal (an upper bound, checked against float64 references over stacks
     of condition 1…10⁴) — and a module over :data:`FAST_TOLERANCE` is not accepted: the caller
     runs :func:`factor_svd` (float64 Grams) for it. ``caps[b]``: the most vectors module b may
-    keep. Each module's noise floor is ``noise`` · ‖U‖_F‖D‖_F (≥ ‖ΔW‖_F, from the Grams'
-    traces); kept are min(cap, values above it). The traces also tell NaN/Inf in the factors
+    keep; the estimate is for min(cap, values above its noise floor), the floor being ``noise`` ·
+    ‖U‖_F‖D‖_F (≥ ‖ΔW‖_F, from the Grams' traces). The traces also tell NaN/Inf in the factors
     (they propagate into the column sums of squares): then every floor is infinite and nothing is
     accepted, and the caller finds the culprit.
 
@@ -255,7 +254,7 @@ def batched_svd(up: torch.Tensor, down: torch.Tensor, caps: list[int], noise: fl
     floors = [noise * b if math.isfinite(b) else math.inf for b in bound.tolist()]
     empty = torch.zeros(up.shape[0], 0, dtype=torch.float64)
     if not all(math.isfinite(f) for f in floors):  # overflowed factors: nothing to decompose
-        return BatchedSVD(empty, floors, [], [])
+        return BatchedSVD(empty, floors, [])
     scales = column_scales if column_scales is not None else (None, None)
     lu, info_u = torch.linalg.cholesky_ex(gu)
     ld, info_d = torch.linalg.cholesky_ex(gd)
@@ -269,7 +268,7 @@ def batched_svd(up: torch.Tensor, down: torch.Tensor, caps: list[int], noise: fl
     usable = ((info_u == 0) & (info_d == 0) & (diag_u.min(-1).values > 0) & (diag_d.min(-1).values > 0)).tolist()
     above = (values > torch.tensor(floors, dtype=values.dtype)[:, None]).sum(-1).tolist()
     rows = values.tolist()
-    accepted, kept = [], []
+    accepted = []
     for b in range(up.shape[0]):
         ratio = max(ratio_u[b], ratio_d[b]) if usable[b] else math.inf
         k = min(caps[b], above[b])
@@ -278,24 +277,10 @@ def batched_svd(up: torch.Tensor, down: torch.Tensor, caps: list[int], noise: fl
         if k > 0 and EPS32 * rows[b][0] / rows[b][k - 1] * max(1.0, ratio / 30) > FAST_TOLERANCE:
             continue
         accepted.append(b)
-        kept.append(max(k, 1))
     parts = (up, down, core, lu, ld, right_vectors, *scales)
     if accepted and len(accepted) < up.shape[0]:  # only then copy the accepted modules out of the batch
         index = torch.tensor(accepted)
         on_device = index.to(up.device)
         parts = (up[on_device], down[on_device], core[index], lu[index], ld[index], right_vectors[index],
                  *(None if t is None else t[index] for t in scales))
-    return BatchedSVD(values, floors, accepted, kept, parts)
-
-
-def batched_factor_svd(up: torch.Tensor, down: torch.Tensor, caps: list[int], noise: float
-                       ) -> tuple[list[FactorSVD | None], list[float]]:
-    """:func:`batched_svd` with the vectors: each module's SVD (vectors for the top max-kept
-    values), None where the fast route declined, and the floors."""
-    batch = batched_svd(up, down, caps, noise)
-    results: list[FactorSVD | None] = [None] * up.shape[0]
-    if batch.accepted:
-        left, right = batch.vectors(max(batch.kept))
-        for i, b in enumerate(batch.accepted):
-            results[b] = FactorSVD(left=left[i], values=batch.values[b], right=right[i])
-    return results, batch.floors
+    return BatchedSVD(values, floors, accepted, parts)

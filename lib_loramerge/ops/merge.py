@@ -569,14 +569,13 @@ def _factor_outcome(name: str, ref: NetworkModule, left: torch.Tensor, right: to
     root = values[:k].sqrt().to(left.device, left.dtype)
     if options.clamp is not None:
         new_up, new_down = clamp_factors(left[:, :k] * root, root[:, None] * right[:k], options.clamp)
-        module = _output_module(name, ref, new_up, new_down, float(k), options.dtype)
     else:  # scaled straight into the output dtype: no float32 copy of the factors on the way
         new_up = _scaled_cast(left[:, :k], root, options.dtype, name)
         new_down = _scaled_cast(right[:k], root[:, None], options.dtype, name)
-        module = _output_module(name, ref, new_up, new_down, float(k), options.dtype)
     energy = float((values**2).sum())
     kept = float((values[:k] ** 2).sum() / energy)
-    return _Outcome(module, energy=kept, target_energy=energy)
+    return _Outcome(_output_module(name, ref, new_up, new_down, float(k), options.dtype), energy=kept,
+                    target_energy=energy)
 
 
 def _scaled_cast(factor: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -680,12 +679,12 @@ def _merge_batch(names: list[str], parts: list[list[_Part]], options: MergeOptio
     notes = [_check_shapes(name, live) for name, live in zip(names, lives, strict=True)]
     refs = [next((p.module for p in live if _shape_known(p.module)), live[0].module) for live in lives]
     caps = [min(rank_cap or stacked, out, flat, stacked)] * len(names)
-    loaded = [p.module for live in lives for p in live]
+    used = [p.module for live in lives for p in live]
     scales = torch.tensor(up_scale, dtype=torch.float64), torch.tensor(down_scale, dtype=torch.float64)
     batch = batched_svd(ups, downs, caps, _NOISE * stacked, scales)
     if not all(math.isfinite(f) for f in batch.floors):
         if not (all_finite(ups) and all_finite(downs)):
-            for module in loaded:  # a factor of a file holds NaN/Inf: validate_values names file and module
+            for module in used:  # a factor of a file holds NaN/Inf: validate_values names file and module
                 validate_values(module.load(check_values=False), module.source)
         raise _overflow(next(n for n, f in zip(names, batch.floors, strict=True) if not math.isfinite(f)))
     ranks = {}
@@ -704,18 +703,19 @@ def _merge_batch(names: list[str], parts: list[list[_Part]], options: MergeOptio
         elif ranks[b] == 0:
             outcome = _Outcome(None, "ΔW is zero")
         else:
-            outcome = split[b]
-            outcome.module = _output_module(name, ref, *outcome.module, float(ranks[b]), options.dtype)
+            up, down, kept, energy = split[b]
+            outcome = _Outcome(_output_module(name, ref, up, down, float(ranks[b]), options.dtype), energy=kept,
+                               target_energy=energy)
         outcome.notes = note + outcome.notes
         outcomes.append(outcome)
     return outcomes
 
 
 def _split_batch(names: list[str], batch: BatchedSVD, ranks: dict[int, int], options: MergeOptions,
-                 scratch: Scratch | None) -> dict[int, _Outcome]:
-    """The accepted modules' rank-k factors, √σ on each side, in the output dtype: a few batched products and
-    one scaled cast per side for the whole batch (:func:`_factor_outcome` for one module). The outcomes
-    hold (up, down) in place of the module, for the caller to shape."""
+                 scratch: Scratch | None) -> dict[int, tuple[torch.Tensor, torch.Tensor, float, float]]:
+    """The accepted modules' rank-k factors, √σ on each side, in the output dtype, with the fraction of
+    ‖ΔW‖² kept and ‖ΔW‖²: a few batched products and one scaled cast per side for the whole batch
+    (:func:`_factor_outcome` for one module)."""
     k = max(ranks.values())
     left, right = batch.vectors(k, scratch)
     values = batch.values[batch.accepted]
@@ -741,5 +741,5 @@ def _split_batch(names: list[str], batch: BatchedSVD, ranks: dict[int, int], opt
             up, down = clamp_factors(up, down, options.clamp)
         if not direct:
             up, down = _cast(up, options.dtype, names[b]), _cast(down, options.dtype, names[b])
-        split[b] = _Outcome((up.contiguous(), down), energy=kept_b, target_energy=energy_b)
+        split[b] = up.contiguous(), down, kept_b, energy_b
     return split
