@@ -673,9 +673,10 @@ def _merge_batch(names: list[str], parts: list[list[_Part]], options: MergeOptio
                       downs[:, offset:offset + rank], scratch)
     up_scale, down_scale = [], []
     for live in lives:  # balanced as in _stack, applied by batched_svd
-        roots = [math.sqrt(abs(p.scale)) for p in live]
-        up_scale.append([math.copysign(r, p.scale) for r, p in zip(roots, live, strict=True) for _ in range(p.module.rank)])
-        down_scale.append([r for r, p in zip(roots, live, strict=True) for _ in range(p.module.rank)])
+        signed = [(math.sqrt(abs(scale)), scale) for scale in (p.scale for p in live)]
+        up_scale.append([x for (root, scale), r in zip(signed, ranks_in, strict=True)
+                         for x in [math.copysign(root, scale)] * r])
+        down_scale.append([x for (root, _), r in zip(signed, ranks_in, strict=True) for x in [root] * r])
     notes = [_check_shapes(name, live) for name, live in zip(names, lives, strict=True)]
     refs = [next((p.module for p in live if _shape_known(p.module)), live[0].module) for live in lives]
     caps = [min(rank_cap or stacked, out, flat, stacked)] * len(names)
