@@ -245,3 +245,21 @@ def test_the_cli_parser_is_built_without_torch_and_early_hashes_are_reused(tmp_p
     assert early.result(0) == data_sha256(a) and early.result(1) == data_sha256(b)
     assert input_hashes([lora_b, lora_a], early) is not early  # another order
     assert not early.covers([a, b], whole=True)  # checkpoints are hashed whole, LoRAs by data
+
+
+def test_reading_many_tensors_at_once_fills_each_buffer_with_its_own_bytes(tmp_path, monkeypatch):
+    """read_many_into: one open, adjacent tensors by one preadv, in any request order; without preadv
+    (Windows) the seek-and-read path gives the same bytes."""
+    import os as os_module
+
+    from lib_loramerge.formats.tensorfile import open_tensor_file
+
+    path = write_kohya(tmp_path / "a.safetensors", make_modules("sd1", rank=3, seed=6, only="layers_1_"), torch.float16)
+    for preadv in (True, False):
+        if not preadv:
+            monkeypatch.delattr(os_module, "preadv", raising=False)
+        with open_tensor_file(path) as tf:
+            keys = [k for k in tf.infos if not k.endswith("alpha")][::-1]  # reversed: out of file order
+            buffers = {k: torch.zeros(tf.infos[k].shape, dtype=tf.infos[k].dtype) for k in keys}
+            tf.read_many_into(list(buffers.items()))
+            assert all(torch.equal(buffers[k], tf.get(k)) for k in keys)

@@ -193,8 +193,11 @@ class FactorLoader:
 
     def into(self, up: torch.Tensor, down: torch.Tensor) -> None:
         """Read up and down into contiguous tensors of their file dtype and shape."""
-        self.tf.read_into(self.parts[UP], up)
-        self.tf.read_into(self.parts[DOWN], down)
+        self.tf.read_many_into(self.requests(up, down))
+
+    def requests(self, up: torch.Tensor, down: torch.Tensor) -> tuple[tuple[str, torch.Tensor], ...]:
+        """What :meth:`into` reads, for a caller gathering the reads of many modules of :attr:`tf`."""
+        return (self.parts[UP], up), (self.parts[DOWN], down)
 
 
 def _adapter_of(m: KeyMatch) -> str | None:

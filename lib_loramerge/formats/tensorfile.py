@@ -10,6 +10,7 @@ import os
 import pickle
 import warnings
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,31 +63,45 @@ class TensorFile:
     def read_into(self, key: str, out: torch.Tensor) -> None:
         """Read one tensor's bytes into ``out``, a contiguous CPU tensor of its dtype and shape: memory the
         caller reuses tensor after tensor (a batch's staging buffer), warm in the cache and in the page tables."""
-        info = self.infos[key]
-        if out.dtype != info.dtype or tuple(out.shape) != info.shape or not out.is_contiguous():
-            raise LoraMergeError(f"internal: tensor '{key}' is {info.dtype} {list(info.shape)}, the buffer "
-                                 f"{out.dtype} {list(out.shape)}", self.path)
+        self.read_many_into([(key, out)])
+
+    def read_many_into(self, requests: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """:meth:`read_into` for several tensors: the file opened and its size checked once, and tensors
+        that lie back to back in it (a module's down and up factors) read by one system call."""
+        for key, out in requests:
+            info = self.infos[key]
+            if out.dtype != info.dtype or tuple(out.shape) != info.shape or not out.is_contiguous():
+                raise LoraMergeError(f"internal: tensor '{key}' is {info.dtype} {list(info.shape)}, the buffer "
+                                     f"{out.dtype} {list(out.shape)}", self.path)
         if self._tensors is not None:
-            out.copy_(self._tensors[key])
+            for key, out in requests:
+                out.copy_(self._tensors[key])
             return
         assert self.header is not None
-        entry = self.header.entries[key]
-        if entry.end == entry.begin:
+        entries = self.header.entries
+        runs: list[tuple[int, list[memoryview], str]] = []  # (offset, buffers, first key) of contiguous bytes
+        end = None
+        for key, out in sorted(requests, key=lambda r: entries[r[0]].begin):
+            entry = entries[key]
+            if entry.end == entry.begin:
+                continue
+            target = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            if entry.begin == end:
+                runs[-1][1].append(target)
+            else:
+                runs.append((self.header.data_start + entry.begin, [target], key))
+            end = entry.end
+        if not runs:
             return
         try:
-            stat = self.path.stat()
-            if stat.st_size != self.header.file_size:
-                raise LoraMergeError("the file changed on disk while it was being read", self.path)
-            with open(self.path, "rb", buffering=0) as f:  # unbuffered: the bytes go straight into ``out``
-                f.seek(self.header.data_start + entry.begin)
-                target = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-                while target:  # one read may return less (2 GiB at most on Linux)
-                    n = f.readinto(target)
-                    if not n:
+            with open(self.path, "rb", buffering=0) as f:  # unbuffered: the bytes go straight into the buffers
+                if os.fstat(f.fileno()).st_size != self.header.file_size:
+                    raise LoraMergeError("the file changed on disk while it was being read", self.path)
+                for offset, buffers, key in runs:
+                    if not _read_exactly(f, offset, buffers):
                         raise LoraMergeError(f"truncated file: tensor '{key}' is incomplete", self.path)
-                    target = target[n:]
         except OSError as e:
-            raise LoraMergeError(f"cannot read tensor '{key}' ({_short(e)})", self.path) from e
+            raise LoraMergeError(f"cannot read tensor '{runs[0][2]}' ({_short(e)})", self.path) from e
 
     def byte_range(self, key: str) -> ByteRange | None:
         """Where a tensor's raw bytes lie in the file (safetensors only), for copying it unchanged."""
@@ -103,6 +118,28 @@ class TensorFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _read_exactly(f, offset: int, buffers: list[memoryview]) -> bool:
+    """Fill ``buffers`` with the bytes from ``offset`` on, in one ``preadv`` where the OS has it (else seek
+    and read). A read may return less than asked (2 GiB at most on Linux): go on until all is read.
+    False at the end of the file."""
+    pending = [b for b in buffers if len(b)]
+    preadv = getattr(os, "preadv", None)
+    if preadv is None:
+        f.seek(offset)
+    while pending:
+        n = preadv(f.fileno(), pending[:512], offset) if preadv is not None else f.readinto(pending[0])
+        if not n:
+            return False
+        offset += n
+        while n:  # drop what was filled
+            take = min(n, len(pending[0]))
+            n -= take
+            pending[0] = pending[0][take:]
+            if not pending[0]:
+                pending.pop(0)
+    return True
 
 
 def _short(e: BaseException) -> str:

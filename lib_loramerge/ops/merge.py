@@ -636,8 +636,18 @@ def _read_factors(modules: list[LoraModule], ups: torch.Tensor, downs: torch.Ten
     out, rank = first.out_features, first.rank
     stage_up = scratch.take("file-up", (len(modules), out, rank), first.up.dtype, "cpu")
     stage_down = scratch.take("file-down", (len(modules), rank, downs.shape[2]), first.down.dtype, "cpu")
-    direct = [b for b, m in enumerate(modules)  # a Tucker down is not (rank, in·k·k): never staged
-              if m.mid is not None or not m.load_into(stage_up[b].view(m.up.shape), stage_down[b].view(m.down.shape))]
+    direct = []
+    reads: dict[int, tuple[object, list]] = {}  # one batch of reads per file: opened once, adjacent tensors at once
+    for b, m in enumerate(modules):
+        loader = m.loader if m.is_lazy and m.mid is None else None  # a Tucker down is not (rank, in·k·k)
+        if loader is None or not hasattr(loader, "requests"):
+            direct.append(b)
+            continue
+        tf = loader.tf
+        reads.setdefault(id(tf), (tf, []))[1].extend(
+            loader.requests(stage_up[b].view(m.up.shape), stage_down[b].view(m.down.shape)))
+    for tf, requests in reads.values():
+        tf.read_many_into(requests)
     if len(direct) < len(modules):
         ups.copy_(stage_up)
         downs.copy_(stage_down)
