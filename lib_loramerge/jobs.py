@@ -39,10 +39,7 @@ def input_hashes(loras: Sequence[LoraModel], started: BackgroundHashes | None = 
     """Start hashing the inputs' files (the hash A1111 shows) beside the job; never trusts a stored hash.
     ``started``: hashes begun earlier (the CLI starts them while torch is imported), used when they are
     of these very files."""
-    paths = [lora.path for lora in loras]
-    if started is not None and started.covers(paths):
-        return started
-    return BackgroundHashes(paths)
+    return BackgroundHashes.reuse(started, [lora.path for lora in loras])
 
 
 def input_entries(inputs: Sequence[MergeInput], hashes: BackgroundHashes, placeholder: bool = False

@@ -135,14 +135,14 @@ class LoraModule(FactorDelta):
             validate_values(module, self.source)
         return module
 
-    def load_into(self, up: torch.Tensor, down: torch.Tensor) -> bool:
-        """Read a lazily read plain module's factors into ``up`` and ``down`` (contiguous, of the file's
-        dtypes and the factors' shapes: buffers a batch reuses); False when its loader cannot."""
-        into = getattr(self.loader, "into", None)
-        if not self.is_lazy or self.mid is not None or into is None:
-            return False
-        into(up, down)
-        return True
+    def file_reads(self, up: torch.Tensor, down: torch.Tensor) -> tuple[object, tuple] | None:
+        """How to read a lazily read plain module's factors into ``up`` and ``down`` (contiguous, of the
+        file's dtypes and the factors' shapes: buffers a batch reuses): (its file, the requests for the
+        file's ``read_many_into``), so a batch reads each file at once; None when its loader cannot."""
+        requests = getattr(self.loader, "requests", None)
+        if not self.is_lazy or self.mid is not None or requests is None:
+            return None
+        return self.loader.tf, requests(up, down)
 
     @property
     def rank(self) -> int:

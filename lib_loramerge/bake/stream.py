@@ -221,8 +221,7 @@ def bake(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], out: str |
                                  f"(first: {lora}: {module}: {why}); use --allow-unmatched to bake the rest")
         if not patches:
             raise LoraMergeError("no LoRA module matches a layer of this checkpoint; nothing to bake", tf.path)
-        early = checkpoint_hash is not None and checkpoint_hash.covers([tf.path], whole=True)
-        hasher = checkpoint_hash if early else BackgroundHashes([tf.path], whole=True)
+        hasher = BackgroundHashes.reuse(checkpoint_hash, [tf.path], whole=True)
         specs = _specs(tf, patches, dtype, dev, semantics)
         meta = {**tf.metadata, **(metadata or {})}
         late = (lambda: finalize(hasher.result())) if finalize else None

@@ -154,6 +154,15 @@ class BackgroundHashes(threading.Thread):
                 self.error = (path, e)
                 return
 
+    @classmethod
+    def reuse(cls, started: BackgroundHashes | None, paths: Sequence[Path | None],
+              whole: bool = False) -> BackgroundHashes:
+        """``started`` (hashes begun earlier: the CLI starts them while torch is imported) when it hashes
+        exactly these files this way, else hashing them starts now."""
+        if started is not None and started.covers(paths, whole):
+            return started
+        return cls(paths, whole)
+
     def covers(self, paths: Sequence[Path | None], whole: bool = False) -> bool:
         """Whether this hashes exactly ``paths`` (the same files, in order) the ``whole`` way."""
         def same(a: Path | None, b: Path | None) -> bool:

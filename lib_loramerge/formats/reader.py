@@ -181,8 +181,8 @@ def _meta(tf: TensorFile, key: str) -> torch.Tensor:
 
 
 class FactorLoader:
-    """Reads a lazily read LoRA/LoCon module's factors: into new tensors (a call), or into buffers the
-    caller reuses (:meth:`into`, plain up/down only)."""
+    """Reads a lazily read LoRA/LoCon module's factors into new tensors (a call), or says how to read
+    up and down into buffers the caller reuses (:meth:`requests`, for ``tf.read_many_into``)."""
 
     def __init__(self, tf: TensorFile, parts: dict[str, str]) -> None:
         self.tf, self.parts = tf, parts
@@ -191,12 +191,8 @@ class FactorLoader:
         tf, parts = self.tf, self.parts
         return tf.get(parts[UP]), tf.get(parts[DOWN]), tf.get(parts[MID]) if MID in parts else None
 
-    def into(self, up: torch.Tensor, down: torch.Tensor) -> None:
-        """Read up and down into contiguous tensors of their file dtype and shape."""
-        self.tf.read_many_into(self.requests(up, down))
-
     def requests(self, up: torch.Tensor, down: torch.Tensor) -> tuple[tuple[str, torch.Tensor], ...]:
-        """What :meth:`into` reads, for a caller gathering the reads of many modules of :attr:`tf`."""
+        """(key, buffer) pairs reading up and down (contiguous, of their file dtype and shape) from :attr:`tf`."""
         return (self.parts[UP], up), (self.parts[DOWN], down)
 
 

@@ -252,9 +252,8 @@ def batched_svd(up: torch.Tensor, down: torch.Tensor, caps: list[int], noise: fl
         gd = sd[:, :, None] * gd * sd[:, None, :]
     bound = (gu.diagonal(dim1=-2, dim2=-1).sum(-1) * gd.diagonal(dim1=-2, dim2=-1).sum(-1)).sqrt()
     floors = [noise * b if math.isfinite(b) else math.inf for b in bound.tolist()]
-    empty = torch.zeros(up.shape[0], 0, dtype=torch.float64)
     if not all(math.isfinite(f) for f in floors):  # overflowed factors: nothing to decompose
-        return BatchedSVD(empty, floors, [])
+        return BatchedSVD(torch.zeros(up.shape[0], 0, dtype=torch.float64), floors, [])
     scales = column_scales if column_scales is not None else (None, None)
     lu, info_u = torch.linalg.cholesky_ex(gu)
     ld, info_d = torch.linalg.cholesky_ex(gd)

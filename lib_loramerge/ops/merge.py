@@ -638,14 +638,13 @@ def _read_factors(modules: list[LoraModule], ups: torch.Tensor, downs: torch.Ten
     stage_down = scratch.take("file-down", (len(modules), rank, downs.shape[2]), first.down.dtype, "cpu")
     direct = []
     reads: dict[int, tuple[object, list]] = {}  # one batch of reads per file: opened once, adjacent tensors at once
-    for b, m in enumerate(modules):
-        loader = m.loader if m.is_lazy and m.mid is None else None  # a Tucker down is not (rank, in·k·k)
-        if loader is None or not hasattr(loader, "requests"):
+    for b, m in enumerate(modules):  # (a Tucker down is not (rank, in·k·k): never staged)
+        found = None if m.mid is not None else m.file_reads(stage_up[b].view(m.up.shape),
+                                                            stage_down[b].view(m.down.shape))
+        if found is None:
             direct.append(b)
-            continue
-        tf = loader.tf
-        reads.setdefault(id(tf), (tf, []))[1].extend(
-            loader.requests(stage_up[b].view(m.up.shape), stage_down[b].view(m.down.shape)))
+        else:
+            reads.setdefault(id(found[0]), (found[0], []))[1].extend(found[1])
     for tf, requests in reads.values():
         tf.read_many_into(requests)
     if len(direct) < len(modules):
